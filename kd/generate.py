@@ -1,0 +1,85 @@
+"""Teacher generation: greedy, batched, through the chat template; one response per transfer question.
+
+Responses are kept as token ids (not just text): the logits and distill stages reuse exactly these ids, so
+teacher and student are compared on the same tokens — re-tokenising text could split them differently."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from kd.answers import score
+from kd.io import read_json, write_json
+from kd.prompting import chat_ids, teacher_text
+
+
+def build_prompts(rows: list[dict], template: str, instruction: str, tokenizer) -> list[dict]:
+    return [{"id": r["id"], "prompt_ids": chat_ids(tokenizer, teacher_text(template, r, instruction))}
+            for r in rows]
+
+
+def batches(prompts: list[dict], batch_size: int) -> list[list[dict]]:
+    """Longest prompts first (less padding, early OOM); ties broken by id — a fixed order on every run."""
+    order = sorted(prompts, key=lambda p: (-len(p["prompt_ids"]), p["id"]))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@torch.no_grad()
+def generate_batch(model, tokenizer, batch: list[dict], max_new_tokens: int) -> list[list[int]]:
+    pad = tokenizer.pad_token_id
+    width = max(len(p["prompt_ids"]) for p in batch)
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, p in enumerate(batch):  # left padding
+        ids[i, width - len(p["prompt_ids"]):] = torch.tensor(p["prompt_ids"])
+        mask[i, width - len(p["prompt_ids"]):] = 1
+    dev = model.device
+    out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
+                         do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=_eos_ids(model, tokenizer))
+    eos = set(_eos_ids(model, tokenizer))
+    responses = []
+    for row in out[:, width:].tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))  # keep the eos: the student learns to stop
+        responses.append(row[:cut])
+    return responses
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos.append(tokenizer.eos_token_id)
+    return eos
+
+
+def run_generation(model, tokenizer, rows: list[dict], template: str, instruction: str, max_new_tokens: int,
+                   batch_size: int, work_dir: Path, fingerprint: str,
+                   progress: Callable[[int], None] | None = None) -> list[dict]:
+    """Generate for every row; finished batches are kept in `work_dir` so a killed run resumes where it was.
+    `fingerprint` names everything the responses depend on: a batch from other settings is never reused."""
+    prompts = build_prompts(rows, template, instruction, tokenizer)
+    done: dict[int, list[int]] = {}
+    for n, batch in enumerate(batches(prompts, batch_size)):
+        part = work_dir / f"batch-{n:05d}.json"
+        cached = read_json(part) if part.exists() else None
+        if cached and cached.get("fingerprint") == fingerprint and cached["ids"] == [p["id"] for p in batch]:
+            responses = cached["responses"]
+        else:
+            responses = generate_batch(model, tokenizer, batch, max_new_tokens)
+            write_json(part, {"fingerprint": fingerprint, "ids": [p["id"] for p in batch], "responses": responses})
+        for p, r in zip(batch, responses):
+            done[p["id"]] = r
+        if progress:
+            progress(len(batch))
+    by_id = {r["id"]: r for r in rows}
+    out = []
+    for p in sorted(prompts, key=lambda p: p["id"]):
+        resp = done[p["id"]]
+        text = tokenizer.decode(resp, skip_special_tokens=True)
+        row = by_id[p["id"]]
+        out.append({"id": p["id"], "prompt_ids": p["prompt_ids"], "response_ids": resp, "response": text,
+                    "finished": bool(resp) and resp[-1] in set(_eos_ids(model, tokenizer)),
+                    "gold": row["gold"], **score(text, row["gold"])})
+    return out

@@ -1,0 +1,178 @@
+"""params.yaml: load and validate every key before any stage does expensive work.
+
+A bad value raises ParamError naming the key and what is allowed. Unknown keys are errors too (a typo in
+`distill.lrr` must not silently train with the default)."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from kd.errors import KdError, ParamError
+
+DTYPES = ["bfloat16", "float16", "float32"]
+LOGIT_FORMATS = ["hidden", "full", "topk"]
+LOSSES = ["reverse_kl", "forward_kl", "jsd"]
+HARD_TARGETS = ["teacher", "gold"]
+SOURCE_RE = re.compile(r"^(hub:\S+|jsonl:\S+|pypi:[A-Za-z0-9_.\-]+(==\S+)?)$")
+
+
+# --- small typed checkers: each returns the value or raises ParamError(key, ...) -----------------------
+def _int(lo: int | None = None, hi: int | None = None) -> Callable[[str, Any], int]:
+    def check(key, v):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ParamError(key, f"must be an integer, got {v!r}", _range(lo, hi))
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise ParamError(key, f"is out of range: {v}", _range(lo, hi))
+        return v
+    return check
+
+
+def _float(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Callable[[str, Any], float]:
+    desc = f"a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+
+    def check(key, v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ParamError(key, f"must be a finite number, got {v!r}", desc)
+        v = float(v)
+        if v < lo or v > hi or (lo_open and v == lo) or (hi_open and v == hi):
+            raise ParamError(key, f"is out of range: {v}", desc)
+        return v
+    return check
+
+
+def _choice(options: list[str]) -> Callable[[str, Any], str]:
+    def check(key, v):
+        if v not in options:
+            raise ParamError(key, f"is {v!r}", ", ".join(options))
+        return v
+    return check
+
+
+def _bool(key, v):
+    if not isinstance(v, bool):
+        raise ParamError(key, f"must be true or false, got {v!r}", "true, false")
+    return v
+
+
+def _str(key, v):
+    if not isinstance(v, str) or not v.strip():
+        raise ParamError(key, f"must be a non-empty string, got {v!r}")
+    return v
+
+
+def _text(key, v):
+    if not isinstance(v, str):
+        raise ParamError(key, f"must be a string, got {v!r}")
+    return v
+
+
+def _optional(check):
+    return lambda key, v: None if v is None else check(key, v)
+
+
+def _str_list(key, v):
+    if not isinstance(v, list) or not v or not all(isinstance(x, str) and x for x in v):
+        raise ParamError(key, f"must be a non-empty list of names, got {v!r}")
+    if len(set(v)) != len(v):
+        raise ParamError(key, f"has duplicates: {v}")
+    return v
+
+
+def _source(key, v):
+    if not isinstance(v, str) or not SOURCE_RE.match(v):
+        raise ParamError(key, f"is {v!r}", "hub:<dataset id>, jsonl:<folder>, pypi:<package>[==<version>]")
+    return v
+
+
+def _range(lo, hi):
+    if lo is not None and hi is not None:
+        return f"an integer in [{lo}, {hi}]"
+    return f"an integer >= {lo}" if lo is not None else None
+
+
+MODEL = {"model": _str, "dtype": _choice(DTYPES), "trust_remote_code": _bool}
+SCHEMA: dict[str, Any] = {
+    "profile": _optional(_str),
+    "seed": _int(0, 2**32 - 1),
+    "alpha": _float(0.0, 1.0),
+    "temperature": _float(0.0, 100.0, lo_open=True),
+    "prepare": {"source": _source, "transfer_size": _int(1, 10**6), "validation_size": _int(0, 10**6),
+                "eval_size": _int(1, 10**6)},
+    "prompting": {"strategies": _str_list, "file": _str, "instruction": _text},
+    "teacher": {**MODEL, "max_new_tokens": _int(1, 32768), "batch_size": _int(1, 4096)},
+    "student": dict(MODEL),
+    "logits": {"format": _choice(LOGIT_FORMATS), "top_k": _int(1, 10**7), "shard_rows": _int(1, 10**9)},
+    "distill": {"loss": _choice(LOSSES), "hard_target": _choice(HARD_TARGETS), "epochs": _int(1, 1000),
+                "lr": _float(0.0, 10.0, lo_open=True), "momentum": _float(0.0, 1.0, hi_open=True),
+                "weight_decay": _float(0.0, 1.0), "max_length": _int(16, 10**6), "kd_chunk": _int(1, 10**6),
+                "lora": {"r": _int(1, 4096), "alpha": _float(0.0, 1e6, lo_open=True),
+                         "dropout": _float(0.0, 1.0, hi_open=True), "target_modules": _str_list}},
+    "eval": {"models": _str_list, "limit": _optional(_int(1, 10**7)), "max_new_tokens": _int(1, 32768),
+             "batch_size": _int(1, 4096)},
+    "report": {"attention_prompts": _int(1, 256)},
+}
+
+
+def _walk(schema: dict, data: Any, prefix: str) -> dict:
+    if not isinstance(data, dict):
+        raise ParamError(prefix.rstrip(".") or "params", f"must be a mapping, got {data!r}")
+    unknown = sorted(set(data) - set(schema))
+    if unknown:
+        raise ParamError(prefix + str(unknown[0]), "is not a known key",
+                         ", ".join(prefix + k for k in schema))
+    out = {}
+    for key, check in schema.items():
+        full = prefix + key
+        if key not in data:
+            if key == "profile":
+                out[key] = None
+                continue
+            raise ParamError(full, "is missing")
+        out[key] = _walk(check, data[key], full + ".") if isinstance(check, dict) else check(full, data[key])
+    return out
+
+
+def validate(data: Any, root: str | Path = ".") -> dict:
+    """Validate a parsed params mapping; cross-key checks included. Returns the cleaned params."""
+    p = _walk(SCHEMA, data, "")
+    from kd.prompting import load_strategies
+
+    strategies = load_strategies(Path(root) / p["prompting"]["file"])
+    for s in p["prompting"]["strategies"]:
+        if s not in strategies:
+            raise ParamError("prompting.strategies", f"names unknown strategy {s!r}",
+                             ", ".join(strategies) + f" (defined in {p['prompting']['file']})")
+    allowed = ["teacher", "student"] + [f"kd-{s}" for s in p["prompting"]["strategies"]]
+    for m in p["eval"]["models"]:
+        if m not in allowed:
+            raise ParamError("eval.models", f"names {m!r}", ", ".join(allowed))
+    if p["distill"]["lora"]["r"] > 4096:
+        raise ParamError("distill.lora.r", "is too large", "an integer in [1, 4096]")
+    try:
+        from kd.models import validate_spec
+    except ImportError:  # pragma: no cover - models module always ships
+        validate_spec = None
+    if validate_spec:
+        for role in ("teacher", "student"):
+            validate_spec(p[role]["model"], key=f"{role}.model", root=root)
+    return p
+
+
+def read_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.exists():
+        raise KdError(f"{path}: params file missing (create one with `kd profile tiny`)")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise KdError(f"{path}: not valid YAML ({e})") from None
+
+
+def load_params(path: str | Path = "params.yaml") -> dict:
+    path = Path(path)
+    return validate(read_yaml(path), root=path.parent)

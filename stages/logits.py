@@ -1,0 +1,49 @@
+"""Stage `logits@<strategy>`: teacher forward over (primed prompt + its response); store the teacher signal."""
+
+import time
+from pathlib import Path
+
+import click
+from tqdm import tqdm
+
+from kd.cli_util import run_stage
+from kd.io import atomic_path, read_jsonl
+from kd.loading import load_model
+from kd.params import load_params
+from kd.seeding import seed_everything
+from kd.teacher_signal import SignalWriter, capture, output_layer, tensor_sha256
+
+
+@click.command()
+@click.argument("strategy")
+def main(strategy):
+    p = load_params()
+    cfg, t = p["logits"], p["teacher"]
+    responses = read_jsonl(f"data/teacher/{strategy}/responses.jsonl")
+    t0 = time.time()
+    seed_everything(p["seed"])
+    model = load_model("models/teacher", t["dtype"], t["trust_remote_code"])
+    name, weight = output_layer("models/teacher")
+    meta = {"strategy": strategy, "dtype": t["dtype"], "hidden_size": model.config.hidden_size,
+            "vocab_size": weight.shape[0], "top_k": cfg["top_k"] if cfg["format"] == "topk" else None,
+            "output_layer": {"name": name, "shape": list(weight.shape), "sha256": tensor_sha256(weight)}}
+    max_diff = 0.0
+    with atomic_path(f"data/logits/{strategy}") as tmp:
+        tmp.mkdir()
+        writer = SignalWriter(tmp, cfg["format"], cfg["shard_rows"])
+        for i, r in enumerate(tqdm(sorted(responses, key=lambda r: r["id"]), desc=f"logits@{strategy}", unit="q")):
+            tensors, diff = capture(model, r["prompt_ids"], r["response_ids"], cfg["format"], cfg["top_k"],
+                                    check_logits=(i == 0))
+            if diff is not None:
+                max_diff = max(max_diff, diff)
+            writer.add(r["id"], r["response_ids"], tensors)
+        # proof, on the first example, that hidden @ W_out^T reproduces the model's logits
+        manifest = writer.close({**meta, "recompute_max_abs_diff": max_diff})
+    rows = sum(e["rows"] for e in manifest["examples"])
+    size = sum(f.stat().st_size for f in Path(f"data/logits/{strategy}").iterdir())
+    print(f"logits@{strategy}: {len(responses)} examples, {rows} response tokens, format {cfg['format']}, "
+          f"{size / 1e6:.1f} MB, recompute max |diff| {max_diff}, {time.time() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,30 @@
+"""Stage `prepare`: GSM8K -> data/prepared/{transfer,validation,eval}.jsonl + summary.json."""
+
+import time
+
+import click
+
+from kd.cli_util import run_stage
+from kd.data import load_source, make_splits
+from kd.io import write_json, write_jsonl
+from kd.params import load_params
+
+
+@click.command()
+@click.option("--out", default="data/prepared", show_default=True)
+def main(out):
+    p = load_params()
+    t0 = time.time()
+    cfg = p["prepare"]
+    splits, note = make_splits(load_source(cfg["source"]), cfg["transfer_size"], cfg["validation_size"],
+                               cfg["eval_size"], p["seed"], cfg["source"])
+    for name, rows in splits.items():
+        write_jsonl(f"{out}/{name}.jsonl", rows)
+    write_json(f"{out}/summary.json", {"source": cfg["source"], "note": note, "seed": p["seed"],
+                                       **{name: len(rows) for name, rows in splits.items()}})
+    print(f"prepare: {cfg['source']}: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items())
+          + f" ({time.time() - t0:.1f} s)\n  {note}")
+
+
+if __name__ == "__main__":
+    run_stage(main)
