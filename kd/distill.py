@@ -1,0 +1,189 @@
+"""LoRA distillation of the student on the teacher's responses, without the priming prefix.
+
+Each example is the student's own prompt (plain question, chat template) followed by the teacher's response
+token ids. Student position len(prompt)+j-1 predicts response token j; the teacher signal row j is the
+teacher's prediction of that same token (from its own, primed, prompt). So the two distributions are compared
+at the same response tokens whatever the prefix length, labels are next tokens, and prompt positions carry no
+loss. The loop is plain PyTorch (SGD + cosine, effective batch 1, as the paper) so it is deterministic on CPU and
+resumable from a checkpoint to the same bits."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from kd.errors import KdError
+from kd.io import save_safetensors, write_json
+from kd.loss import combine, response_losses
+from kd.prompting import chat_ids, render_question
+
+CALCULATOR = re.compile(r"<<[^>]*>>")
+
+
+@dataclass
+class Example:
+    id: int
+    input_ids: list[int]          # student prompt + response (truncated to max_length)
+    prompt_len: int
+    response_len: int            # response tokens trained on (teacher rows [0, response_len))
+    gold_ids: list[int] = field(default_factory=list)  # student prompt + GSM8K solution (hard_target: gold)
+
+
+def gold_text(answer: str) -> str:
+    """GSM8K's solution without the <<calculator>> annotations, ending with its '#### N' line."""
+    return CALCULATOR.sub("", answer).strip()
+
+
+def build_examples(responses: list[dict], questions: dict[int, dict], tokenizer, instruction: str,
+                   max_length: int, hard_target: str) -> tuple[list[Example], list[int]]:
+    """Examples in integer-id order, and the ids skipped because the prompt alone fills max_length."""
+    examples, skipped = [], []
+    eos = tokenizer.eos_token_id
+    for r in sorted(responses, key=lambda r: r["id"]):
+        q = questions.get(r["id"])
+        if q is None:
+            raise KdError(f"teacher response id {r['id']} has no question in data/prepared/transfer.jsonl")
+        prompt = chat_ids(tokenizer, render_question(q["question"], instruction))
+        room = max_length - len(prompt)
+        if room < 1 or not r["response_ids"]:
+            skipped.append(r["id"])
+            continue
+        resp = r["response_ids"][:room]
+        gold = []
+        if hard_target == "gold":
+            gold = (prompt + tokenizer(gold_text(q["answer"]), add_special_tokens=False)["input_ids"] + [eos])
+            gold = gold[:max_length]
+        examples.append(Example(r["id"], prompt + resp, len(prompt), len(resp), gold))
+    return examples, skipped
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def cosine_lr(base: float, step: int, total: int) -> float:
+    return base * 0.5 * (1.0 + math.cos(math.pi * step / max(total, 1)))
+
+
+def _shifted_hidden(model, ids: list[int], start: int, count: int) -> torch.Tensor:
+    """Student final hidden states at the positions predicting tokens ids[start:start+count]."""
+    x = torch.tensor([ids], device=model.device)
+    out = model(input_ids=x, output_hidden_states=True, logits_to_keep=1)
+    return out.hidden_states[-1][0, start - 1:start - 1 + count]
+
+
+def example_loss(model, ex: Example, teacher_logits: Callable[[int, int], torch.Tensor], alpha: float,
+                 temperature: float, kind: str, hard_target: str, chunk: int) -> dict[str, torch.Tensor]:
+    head = model.get_output_embeddings()
+    h = _shifted_hidden(model, ex.input_ids, ex.prompt_len, ex.response_len)
+    targets = torch.tensor(ex.input_ids[ex.prompt_len:], device=h.device)
+    ce, kd = response_losses(h, head, targets, teacher_logits, temperature, kind, chunk)
+    if hard_target == "gold":
+        n = len(ex.gold_ids) - ex.prompt_len
+        hg = _shifted_hidden(model, ex.gold_ids, ex.prompt_len, n)
+        ce, _ = response_losses(hg, head, torch.tensor(ex.gold_ids[ex.prompt_len:], device=h.device), None,
+                                temperature, kind, chunk)
+    return {"loss": combine(ce, kd, alpha, temperature), "ce": ce, "kd": kd}
+
+
+class Checkpoint:
+    """Trainable (LoRA) weights + optimizer momentum + RNG + step + logged history, as safetensors.
+    Written atomically every `every` steps; a resumed run continues to the same bits as an unbroken one."""
+
+    def __init__(self, path: Path, fingerprint: str):
+        self.path, self.fingerprint = Path(path), fingerprint
+
+    def save(self, model, optimizer, step: int, history: list[dict]) -> None:
+        tensors = {f"param/{n}": p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        for i, group in enumerate(optimizer.param_groups):
+            for j, p in enumerate(group["params"]):
+                buf = optimizer.state.get(p, {}).get("momentum_buffer")
+                if buf is not None:
+                    tensors[f"momentum/{i}/{j}"] = buf.detach().cpu()
+        tensors["rng/torch"] = torch.get_rng_state()
+        meta = {"fingerprint": self.fingerprint, "step": str(step), "history": json.dumps(history)}
+        save_safetensors(tensors, self.path, metadata=meta)
+
+    def load(self, model, optimizer) -> tuple[int, list[dict]] | None:
+        """Restore if a checkpoint of this exact run exists; returns (step, history) or None."""
+        from safetensors import safe_open
+
+        if not self.path.exists():
+            return None
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("fingerprint") != self.fingerprint:
+                    return None
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception:  # a checkpoint we cannot read is one we do not trust: start over
+            return None
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for k, v in tensors.items():
+                if k.startswith("param/"):
+                    params[k[len("param/"):]].copy_(v)
+        for i, group in enumerate(optimizer.param_groups):
+            for j, p in enumerate(group["params"]):
+                if f"momentum/{i}/{j}" in tensors:
+                    optimizer.state[p]["momentum_buffer"] = tensors[f"momentum/{i}/{j}"].to(p.device).clone()
+        torch.set_rng_state(tensors["rng/torch"])
+        return int(meta["step"]), json.loads(meta["history"])
+
+
+def train(model, examples: list[Example], teacher_for: Callable[[int], Callable[[int, int], torch.Tensor]],
+          cfg: dict, alpha: float, temperature: float, seed: int, checkpoint: Checkpoint,
+          checkpoint_every: int, on_step: Callable[[int, dict], None] | None = None) -> list[dict]:
+    """Run the whole schedule; returns the per-step history [{step, epoch, loss, ce, kd, lr}]."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+    total = cfg["epochs"] * len(examples)
+    resumed = checkpoint.load(model, opt)
+    step, history = resumed if resumed else (0, [])
+    if resumed:
+        print(f"distill: resuming from step {step}/{total} ({checkpoint.path})")
+    for rec in history:
+        if on_step:
+            on_step(rec["step"], rec)
+    model.train()
+    for epoch in range(cfg["epochs"]):
+        order = epoch_order(len(examples), seed, epoch)
+        for k, idx in enumerate(order):
+            if epoch * len(examples) + k < step:
+                continue  # done before the interruption
+            ex = examples[idx]
+            lr = cosine_lr(cfg["lr"], step, total)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            losses = example_loss(model, ex, teacher_for(ex.id), alpha, temperature, cfg["loss"],
+                                  cfg["hard_target"], cfg["kd_chunk"])
+            if not torch.isfinite(losses["loss"]):
+                raise KdError(f"distill: non-finite loss at step {step} (example id {ex.id}); lower distill.lr")
+            losses["loss"].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            rec = {"step": step, "epoch": epoch, "id": ex.id, "lr": lr,
+                   **{k: float(v.detach()) for k, v in losses.items()}}
+            history.append(rec)
+            if on_step:
+                on_step(step, rec)
+            if step % checkpoint_every == 0 and step < total:
+                checkpoint.save(model, opt, step, history)
+    model.eval()
+    return history
+
+
+def summarise(history: list[dict], n_examples: int, epochs: int) -> dict:
+    last = [h for h in history if h["epoch"] == epochs - 1]
+    mean = lambda key: sum(h[key] for h in last) / max(len(last), 1)  # noqa: E731
+    return {"steps": len(history), "examples": n_examples, "epochs": epochs,
+            "final_loss": mean("loss"), "final_ce": mean("ce"), "final_kd": mean("kd"),
+            "first_loss": history[0]["loss"] if history else None}

@@ -1,0 +1,102 @@
+"""Teacher signal: hidden states recompute the teacher's own logits; every corruption is caught before training."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from kd.errors import ArtefactError
+from kd.teacher_signal import SignalWriter, TeacherSignal, capture, output_layer, tensor_sha256
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(tiny_models / "teacher", dtype=torch.bfloat16)
+    m.eval()
+    return m, tiny_models / "teacher"
+
+
+def _responses():
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i, n in [(0, 5), (3, 9), (7, 4)]:
+        out.append({"id": i, "prompt_ids": torch.randint(0, 256, (12 + i,), generator=g).tolist(),
+                    "response_ids": torch.randint(0, 256, (n,), generator=g).tolist()})
+    return out
+
+
+def _write(model, path, out, fmt, top_k=8, shard_rows=8):
+    _, w = output_layer(path)
+    writer = SignalWriter(out, fmt, shard_rows)
+    for r in _responses():
+        t, _ = capture(model, r["prompt_ids"], r["response_ids"], fmt, top_k)
+        writer.add(r["id"], r["response_ids"], t)
+    writer.close({"vocab_size": w.shape[0], "output_layer": {"sha256": tensor_sha256(w)}})
+
+
+def _own_logits(model, r):
+    p, n = len(r["prompt_ids"]), len(r["response_ids"])
+    with torch.no_grad():
+        return model(torch.tensor([r["prompt_ids"] + r["response_ids"]])).logits[0, p - 1:p + n - 1].float()
+
+
+def test_hidden_states_recompute_the_teachers_logits_bit_for_bit(teacher, tmp_path):
+    model, path = teacher
+    r = _responses()[1]
+    _, diff = capture(model, r["prompt_ids"], r["response_ids"], "hidden", 0, check_logits=True)
+    assert diff == 0.0
+    _write(model, path, tmp_path, "hidden")
+    signal = TeacherSignal(tmp_path, _responses(), path)
+    for r in _responses():
+        assert torch.equal(signal.logits(r["id"]), _own_logits(model, r))
+        assert torch.equal(signal.logits(r["id"], 1, 3), _own_logits(model, r)[1:3])
+
+
+def test_full_format_is_exact_and_topk_keeps_the_top(teacher, tmp_path):
+    model, path = teacher
+    _write(model, path, tmp_path / "full", "full")
+    _write(model, path, tmp_path / "topk", "topk", top_k=8)
+    full = TeacherSignal(tmp_path / "full", _responses(), path)
+    topk = TeacherSignal(tmp_path / "topk", _responses(), path)
+    for r in _responses():
+        own = _own_logits(model, r)
+        assert torch.equal(full.logits(r["id"]), own)
+        approx = topk.logits(r["id"])
+        vals, idx = own.topk(8, dim=-1)
+        assert torch.equal(approx.gather(1, idx), vals)
+        mask = torch.ones_like(own, dtype=torch.bool).scatter_(1, idx, False)
+        tail = (own * mask).sum(-1) / mask.sum(-1)
+        torch.testing.assert_close(approx[mask].view(own.shape[0], -1)[:, 0], tail)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+def test_damaged_shard_is_named(teacher, tmp_path, damage):
+    model, path = teacher
+    _write(model, path, tmp_path, "hidden")
+    shard = tmp_path / "shard-00001.safetensors"
+    data = shard.read_bytes()
+    if damage == "truncate":
+        shard.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        shard.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    else:
+        shard.unlink()
+    with pytest.raises(ArtefactError, match="shard-00001.safetensors"):
+        TeacherSignal(tmp_path, _responses(), path)
+
+
+def test_stale_signal_and_other_teacher_are_refused(teacher, tmp_path, tiny_models):
+    model, path = teacher
+    _write(model, path, tmp_path, "hidden")
+    changed = _responses()
+    changed[1]["response_ids"][0] += 1
+    with pytest.raises(ArtefactError, match="different response"):
+        TeacherSignal(tmp_path, changed, path)
+    with pytest.raises(ArtefactError, match="output layer"):
+        TeacherSignal(tmp_path, _responses(), tiny_models / "student")
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(ArtefactError, match="manifest.json"):
+        TeacherSignal(tmp_path, _responses(), path)
