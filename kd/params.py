@@ -174,6 +174,6 @@ def read_yaml(path: str | Path) -> Any:
         raise KdError(f"{path}: not valid YAML ({e})") from None
 
 
-def load_params(path: str | Path = "params.yaml") -> dict:
-    path = Path(path)
-    return validate(read_yaml(path), root=path.parent)
+def load_params(path: str | Path = "params.yaml", root: str | Path = ".") -> dict:
+    """Paths inside params (prompting.file, jsonl sources, local models) are relative to the project root."""
+    return validate(read_yaml(path), root=root)

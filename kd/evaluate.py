@@ -1,0 +1,407 @@
+"""eval@<model>: zero-shot GSM8K accuracy of one model through lm-evaluation-harness.
+
+The task is kd/tasks/gsm8k_kd.yaml (lm-eval's gsm8k filters and exact_match normalisation, zero-shot, chat
+template, greedy). Our code renders the prompts, writes them plus a filled-in copy of the task YAML into a
+temp dir, runs `lm_eval.simple_evaluate` on an HFLM (a peft adapter for `kd-<strategy>`), turns lm-eval's
+per-sample log into one row per question and cross-checks the totals against lm-eval's own aggregate.
+
+Outputs (atomic, byte-stable): metrics/eval/<model>.json (flat keys, for `dvc metrics diff`) and
+reports/eval/<model>/samples.jsonl (one row per question, sorted by id).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from kd.errors import ArtefactError, KdError, ParamError
+from kd.io import read_jsonl, write_json, write_jsonl
+from kd.prompting import render_question  # shared with teacher/distill: every model sees the same question
+
+log = logging.getLogger(__name__)
+
+TASK_NAME = "gsm8k_kd"
+TASK_TEMPLATE = Path(__file__).parent / "tasks" / "gsm8k_kd.yaml"
+METRIC = "exact_match"
+FILTERS = {"strict": "strict-match", "flexible": "flexible-extract"}  # our suffix -> lm-eval filter name
+INVALID = "[invalid]"  # lm-eval's regex-filter fallback when nothing matches; stored as null in our rows
+
+EVAL_DATA = Path("data/prepared/eval.jsonl")
+MODELS_DIR = Path("models")
+METRICS_DIR = Path("metrics/eval")
+REPORTS_DIR = Path("reports/eval")
+
+MODEL_FORMS = "teacher, student, kd-<strategy> with <strategy> in prompting.strategies"
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str               # teacher | student | kd-<strategy>
+    pretrained: Path        # full HF folder
+    peft: Path | None       # LoRA adapter folder over `pretrained` (kd-* only)
+    dtype: str
+    trust_remote_code: bool
+
+
+def resolve_model(name: str, params: dict, models_dir: str | Path = MODELS_DIR) -> ModelSpec:
+    """Map an eval model name to its folders and loading options. Validates only; touches no files."""
+    allowed = list(params["eval"]["models"])
+    if name not in allowed:
+        raise ParamError("eval.models", f"does not list {name!r}", allowed=", ".join(allowed))
+    models_dir = Path(models_dir)
+
+    def opts(role: str) -> tuple[str, bool]:
+        sect = params[role]
+        return sect["dtype"], bool(sect.get("trust_remote_code", False))
+
+    if name in ("teacher", "student"):
+        dtype, trc = opts(name)
+        return ModelSpec(name, models_dir / name, None, dtype, trc)
+    if name.startswith("kd-"):
+        strategy = name[len("kd-"):]
+        strategies = list(params["prompting"]["strategies"])
+        if strategy not in strategies:
+            raise ParamError("eval.models", f"entry {name!r} names a strategy not in prompting.strategies",
+                             allowed=", ".join(f"kd-{s}" for s in strategies))
+        dtype, trc = opts("student")
+        return ModelSpec(name, models_dir / "student", models_dir / name, dtype, trc)
+    raise ParamError("eval.models", f"entry {name!r} is not a model", allowed=MODEL_FORMS)
+
+
+def check_model_files(spec: ModelSpec) -> None:
+    """Fail with a KdError (naming the stage to run) before lm-eval gets to see a half-made folder."""
+    from kd.loading import _check_dir
+
+    _check_dir(spec.pretrained)
+    if spec.peft is not None:
+        for f in ("adapter_config.json", "adapter_model.safetensors"):
+            if not (spec.peft / f).exists():
+                raise ArtefactError(f"{spec.peft}: not a LoRA adapter folder (no {f}); "
+                                    f"run `dvc repro distill@{spec.name[len('kd-'):]}` first")
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+
+def load_eval_rows(path: str | Path) -> list[dict]:
+    """The prepared eval split, validated: unique int ids, str question and gold."""
+    rows = read_jsonl(path)
+    if not rows:
+        raise ArtefactError(f"{path}: no rows (re-run `dvc repro prepare`)")
+    seen: set[int] = set()
+    for n, r in enumerate(rows, 1):
+        i = r.get("id")
+        if not isinstance(i, int) or isinstance(i, bool):
+            raise ArtefactError(f"{path}:{n}: `id` must be an integer, got {i!r}")
+        if i in seen:
+            raise ArtefactError(f"{path}:{n}: duplicate id {i}")
+        seen.add(i)
+        for key in ("question", "gold"):
+            if not isinstance(r.get(key), str) or not r[key].strip():
+                raise ArtefactError(f"{path}:{n}: `{key}` must be a non-empty string")
+    return rows
+
+
+def build_docs(rows: Iterable[dict], instruction: str) -> list[dict]:
+    """lm-eval docs, in file order (so `eval.limit: N` evaluates the first N rows of the prepared split)."""
+    return [{"id": r["id"], "prompt": render_question(r["question"], instruction), "gold": r["gold"]}
+            for r in rows]
+
+
+def write_task_dir(docs: Sequence[dict], task_dir: Path, max_new_tokens: int) -> Path:
+    """Write docs.jsonl and the filled-in task YAML into `task_dir` (for TaskManager(include_path=...))."""
+    import yaml
+
+    task_dir.mkdir(parents=True, exist_ok=True)
+    data = (task_dir / "docs.jsonl").resolve()
+    write_jsonl(data, docs)
+    cfg = yaml.safe_load(TASK_TEMPLATE.read_text(encoding="utf-8"))
+    cfg["dataset_kwargs"]["data_files"]["test"] = str(data)
+    # datasets' json cache goes into the temp dir too: nothing left in ~/.cache, no stale-cache surprises.
+    cfg["dataset_kwargs"]["cache_dir"] = str((task_dir / "hf_datasets_cache").resolve())
+    cfg["generation_kwargs"]["max_gen_toks"] = int(max_new_tokens)
+    (task_dir / f"{TASK_NAME}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=True), encoding="utf-8")
+    return task_dir
+
+
+# --------------------------------------------------------------------------------------------- lm-eval
+
+
+def stop_token_ids(tokenizer, stops: Iterable[str]) -> list[int]:
+    """Token ids that must end a generation row: the tokenizer's eos plus every stop string that is a single
+    special/added token (e.g. <|im_end|>, <|endoftext|>)."""
+    ids = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    added = set(tokenizer.get_added_vocab())
+    for s in stops:
+        if s in added:
+            ids.append(int(tokenizer.convert_tokens_to_ids(s)))
+    return sorted(set(ids))
+
+
+def _ensure_eos_stops(lm, stops: Iterable[str]) -> list[int]:
+    """Make HF generate stop each row at our stop tokens.
+
+    lm-eval's string stop criterion only halts a batch once *every* row has hit a stop string, and it decodes
+    the response with skip_special_tokens=True, so a row that emitted <|im_end|> early (when the model's
+    generation_config does not list it as eos) keeps generating and the junk after the invisible <|im_end|>
+    ends up in the response. Adding the ids to generation_config.eos_token_id makes HF finish that row."""
+    model = lm.model
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    gc = base.generation_config
+    have = gc.eos_token_id
+    have = [] if have is None else [have] if isinstance(have, int) else list(have)
+    want = have + [i for i in stop_token_ids(lm.tokenizer, stops) if i not in have]
+    if want != have:
+        log.info("generation_config.eos_token_id %s -> %s", have, want)
+        gc.eos_token_id = want
+    if gc.pad_token_id is None and lm.tokenizer.pad_token_id is not None:
+        gc.pad_token_id = lm.tokenizer.pad_token_id
+    return want
+
+
+def _make_lm(spec: ModelSpec, batch_size: int, device: str):
+    """An HFLM for `spec` that (a) never asks the Hub about local paths and (b) records, per context, how many
+    tokens each response really had before its stop token (lm-eval itself keeps only the decoded string)."""
+    from lm_eval.api.model import CacheHook
+    from lm_eval.models.huggingface import HFLM
+
+    class _CountingHook(CacheHook):
+        # HFLM.generate_until calls tok_decode(row tokens) and then cache_hook.add_partial(context, text)
+        # for each row, in that order; pair them up.
+        def __init__(self, lm):
+            super().__init__(None)
+            self.lm = lm
+
+        def add_partial(self, attr, req, res) -> None:
+            if attr == "generate_until":
+                n, self.lm._kd_pending = self.lm._kd_pending, None
+                if n is None:
+                    raise KdError("lm-eval: could not pair a generated response with its token count "
+                                  "(HFLM.generate_until changed?)")
+                self.lm.token_counts[req[0]] = n
+
+    class _KdHFLM(HFLM):
+        token_counts: dict[str, int]
+        stop_ids: set[int]
+        _kd_pending: int | None = None
+
+        def get_model_info(self) -> dict:  # the stock one asks the Hub for the "model sha" of a local path
+            return {}
+
+        def tok_decode(self, tokens, skip_special_tokens: bool = True):
+            if isinstance(tokens, list):  # a generated row (the eos lookup passes a bare int)
+                n = len(tokens)
+                for j, t in enumerate(tokens):
+                    if t in self.stop_ids:
+                        n = j
+                        break
+                self._kd_pending = n
+            return super().tok_decode(tokens, skip_special_tokens=skip_special_tokens)
+
+    kwargs: dict[str, Any] = dict(
+        pretrained=str(spec.pretrained.resolve()),
+        dtype=spec.dtype,
+        batch_size=int(batch_size),
+        device=device,
+        trust_remote_code=spec.trust_remote_code,
+    )
+    if spec.peft is not None:
+        kwargs["peft"] = str(spec.peft.resolve())
+    lm = _KdHFLM(**kwargs)
+    lm.token_counts = {}
+    lm.stop_ids = set(_ensure_eos_stops(lm, _task_stops()))
+    lm.set_cache_hook(_CountingHook(lm))
+    return lm
+
+
+def _task_stops() -> list[str]:
+    import yaml
+
+    return list(yaml.safe_load(TASK_TEMPLATE.read_text(encoding="utf-8"))["generation_kwargs"]["until"])
+
+
+def run_lm_eval(spec: ModelSpec | None, docs: Sequence[dict], *, max_new_tokens: int, batch_size: int,
+                limit: int | None, seed: int, device: str | None = None, lm=None) -> tuple[dict, Any]:
+    """Run gsm8k_kd over `docs`; returns (lm-eval results including per-sample logs, the LM used).
+
+    `lm` overrides the model (any lm_eval LM with a `tokenizer`; tests pass a replay LM); then `spec` is
+    unused."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from kd.loading import default_device
+
+    if lm is None:
+        lm = _make_lm(spec, batch_size, device or default_device())
+    with tempfile.TemporaryDirectory(prefix="kd-eval-") as tmp:
+        task_dir = write_task_dir(docs, Path(tmp) / "task", max_new_tokens)
+        tm = TaskManager(include_path=str(task_dir), include_defaults=False)
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=[TASK_NAME],
+            task_manager=tm,
+            num_fewshot=None,  # the YAML says 0
+            batch_size=batch_size,
+            limit=limit,
+            log_samples=True,
+            apply_chat_template=True,
+            bootstrap_iters=0,  # we compute Wilson intervals ourselves
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
+    if results is None:
+        raise KdError("lm-eval returned no results (not rank 0?); run eval as a single process")
+    return results, lm
+
+
+# ------------------------------------------------------------------------------------ samples -> rows
+
+
+def _pred(filtered: Any) -> str | None:
+    if isinstance(filtered, list):  # take_first leaves a string; be lenient about a 1-element list
+        filtered = filtered[0] if len(filtered) == 1 else filtered
+    if not isinstance(filtered, str):
+        raise KdError(f"lm-eval: unexpected filtered response {filtered!r}")
+    return None if filtered == INVALID else filtered
+
+
+def rows_from_samples(samples: Sequence[dict]) -> list[dict]:
+    """lm-eval's per-sample log (one entry per doc x filter) -> one row per question, sorted by id.
+
+    Correctness is lm-eval's own per-sample exact_match for each filter."""
+    by_id: dict[int, dict] = {}
+    names = {v: k for k, v in FILTERS.items()}
+    for s in samples:
+        suffix = names.get(s.get("filter"))
+        if suffix is None:
+            raise KdError(f"lm-eval: sample for unknown filter {s.get('filter')!r}")
+        doc = s["doc"]
+        resps = s["resps"]
+        if len(resps) != 1 or len(resps[0]) != 1:
+            raise KdError(f"lm-eval: expected one response per doc, got {resps!r} (doc id {doc['id']})")
+        response = resps[0][0]
+        row = by_id.setdefault(doc["id"], {"id": doc["id"], "prompt": doc["prompt"], "gold": doc["gold"],
+                                           "response": response})
+        if row["response"] != response or row["prompt"] != doc["prompt"]:
+            raise KdError(f"lm-eval: filters disagree on the response to doc id {doc['id']}")
+        if f"pred_{suffix}" in row:
+            raise KdError(f"lm-eval: two {s['filter']} samples for doc id {doc['id']}")
+        em = s[METRIC]
+        if em not in (0, 1, 0.0, 1.0):
+            raise KdError(f"lm-eval: {METRIC} {em!r} is not 0/1 (doc id {doc['id']})")
+        row[f"pred_{suffix}"] = _pred(s["filtered_resps"][0] if len(s["filtered_resps"]) == 1
+                                      else s["filtered_resps"])
+        row[f"correct_{suffix}"] = bool(em)
+    rows = [by_id[i] for i in sorted(by_id)]
+    for r in rows:
+        missing = [k for k in FILTERS if f"pred_{k}" not in r]
+        if missing:
+            raise KdError(f"lm-eval: doc id {r['id']} has no sample for filter(s) {missing}")
+    return rows
+
+
+def check_against_lm_eval(rows: Sequence[dict], task_results: dict, expected_n: int) -> None:
+    """Our per-row totals must reproduce lm-eval's aggregate exactly; otherwise stop loudly."""
+    n = len(rows)
+    if n != expected_n:
+        raise KdError(f"lm-eval scored {n} questions, expected {expected_n}")
+    for suffix, filt in FILTERS.items():
+        key = f"{METRIC},{filt}"
+        if key not in task_results:
+            raise KdError(f"lm-eval: no `{key}` in results (have {sorted(task_results)})")
+        theirs = float(task_results[key])
+        ours = sum(r[f"correct_{suffix}"] for r in rows) / n
+        if not math.isclose(ours, theirs, rel_tol=0, abs_tol=1e-9):
+            raise KdError(f"lm-eval reports {key}={theirs!r} but its per-sample log gives {ours!r}")
+
+
+def summarise(rows: Sequence[dict]) -> dict:
+    """The flat metrics dict written to metrics/eval/<model>.json."""
+    from kd.stats import wilson_interval
+
+    n = len(rows)
+    out: dict[str, Any] = {"n": n}
+    for suffix in FILTERS:
+        k = sum(bool(r[f"correct_{suffix}"]) for r in rows)
+        lo, hi = wilson_interval(k, n)
+        out[f"correct_{suffix}"] = k
+        out[f"accuracy_{suffix}"] = k / n
+        out[f"ci95_{suffix}_low"] = lo
+        out[f"ci95_{suffix}_high"] = hi
+    out["mean_response_tokens"] = sum(r["response_tokens"] for r in rows) / n
+    return out
+
+
+def response_token_counts(samples: Sequence[dict], lm) -> dict[int, int]:
+    """doc id -> tokens generated before the stop token.
+
+    From the counts our HFLM recorded during generation when there are any; otherwise (an LM that does not
+    record them, e.g. a test double) the response text re-encoded without special tokens. The two differ when
+    a response ends inside a multi-byte character (the decoded text then holds U+FFFD)."""
+    recorded = getattr(lm, "token_counts", None)
+    out: dict[int, int] = {}
+    for s in samples:
+        doc_id, context = s["doc"]["id"], s["arguments"][0][0]
+        if recorded is not None:
+            if context not in recorded:
+                raise KdError(f"lm-eval: no token count recorded for doc id {doc_id}")
+            out[doc_id] = recorded[context]
+        else:
+            tok = getattr(lm, "tokenizer", None)
+            if tok is None:
+                raise KdError("cannot count response tokens: the lm-eval model has no `tokenizer`")
+            out[doc_id] = len(tok(s["resps"][0][0], add_special_tokens=False)["input_ids"])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ stage
+
+
+def evaluate_docs(spec: ModelSpec, rows: Sequence[dict], params: dict, *, device: str | None = None,
+                  lm=None) -> tuple[list[dict], dict]:
+    """Score prepared rows (id/question/gold) with one model. Returns (sample rows, metrics)."""
+    ev = params["eval"]
+    limit = ev.get("limit")
+    docs = build_docs(rows, params["prompting"]["instruction"])
+    results, lm = run_lm_eval(spec, docs, max_new_tokens=ev["max_new_tokens"], batch_size=ev["batch_size"],
+                              limit=limit, seed=params["seed"], device=device, lm=lm)
+    samples = results["samples"][TASK_NAME]
+    out_rows = rows_from_samples(samples)
+    expected = len(docs) if limit is None else min(int(limit), len(docs))
+    check_against_lm_eval(out_rows, results["results"][TASK_NAME], expected)
+    counts = response_token_counts(samples, lm)
+    for r in out_rows:
+        r["response_tokens"] = counts[r["id"]]
+    return out_rows, summarise(out_rows)
+
+
+def evaluate_model(name: str, params: dict, *, root: str | Path = ".", device: str | None = None,
+                   lm=None) -> dict:
+    """The eval@<name> stage: read the prepared eval split, evaluate, write metrics + samples.
+
+    Returns a summary: {"model", "items", "tokens", "seconds", **metrics}. `root` is the repository root
+    (paths inside it are the DVC ones)."""
+    root = Path(root)
+    spec = resolve_model(name, params, root / MODELS_DIR)
+    rows = load_eval_rows(root / EVAL_DATA)
+    if lm is None:
+        check_model_files(spec)
+    t0 = time.perf_counter()
+    out_rows, metrics = evaluate_docs(spec, rows, params, device=device, lm=lm)
+    seconds = time.perf_counter() - t0
+    write_jsonl(root / REPORTS_DIR / name / "samples.jsonl", out_rows)
+    write_json(root / METRICS_DIR / f"{name}.json", metrics)
+    return {"model": name, "items": metrics["n"], "tokens": sum(r["response_tokens"] for r in out_rows),
+            "seconds": seconds, **metrics}

@@ -1,0 +1,26 @@
+"""Stage `eval@<model>`: zero-shot GSM8K accuracy of teacher, student or kd-<strategy> via lm-eval."""
+
+import click
+
+from kd.cli_util import run_stage
+
+
+@click.command()
+@click.argument("model")
+def main(model):
+    from kd.evaluate import resolve_model
+    from kd.params import load_params
+
+    p = load_params()
+    resolve_model(model, p)  # a bad name fails here, before torch / lm-eval are imported
+
+    from kd.evaluate import evaluate_model
+
+    s = evaluate_model(model, p)
+    print(f"eval@{model}: {s['items']} items, {s['tokens']} tokens, {s['seconds']:.1f} s; "
+          f"accuracy strict {s['accuracy_strict']:.3f} [{s['ci95_strict_low']:.3f}, {s['ci95_strict_high']:.3f}]"
+          f" flexible {s['accuracy_flexible']:.3f}")
+
+
+if __name__ == "__main__":
+    run_stage(main)
