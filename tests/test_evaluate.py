@@ -320,8 +320,8 @@ def test_resolve_model():
     p = _params()
     t = ev.resolve_model("teacher", p, "m")
     assert (t.pretrained, t.peft, t.dtype, t.trust_remote_code) == (Path("m/teacher"), None, "bfloat16", False)
-    k = ev.resolve_model("kd-confidence", p, "m")
-    assert (k.pretrained, k.peft) == (Path("m/student"), Path("m/kd-confidence"))
+    k = ev.resolve_model("kd-teacher", p, "m")
+    assert (k.pretrained, k.peft) == (Path("m/student"), Path("m/kd-teacher"))
     with pytest.raises(ParamError, match=r"eval\.models.*allowed: teacher, student, kd-none"):
         ev.resolve_model("kd-bogus", p)
     p["eval"]["models"].append("kd-bogus")
@@ -365,7 +365,7 @@ def test_stage_rejects_bad_model_before_loading(monkeypatch):
     monkeypatch.setattr(ev, "evaluate_model", lambda *a, **k: called.append(a))
     res = CliRunner().invoke(_stage().main, ["nope"])
     assert isinstance(res.exception, ParamError) and "eval.models" in str(res.exception)
-    assert "kd-gold_hint" in str(res.exception) and not called
+    assert "kd-teacher" in str(res.exception) and not called
 
 
 def test_stage_prints_summary(monkeypatch, tmp_path):

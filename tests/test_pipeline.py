@@ -46,6 +46,8 @@ def project(tmp_path_factory):
     if not (root / ".dvc").exists():
         _run(["dvc", "init", "-q"], root, env)
     _run(["dvc", "config", "core.analytics", "false"], root, env)
+    _run(["git", "add", "-A"], root, env)
+    _run(["git", "commit", "-qm", "project"], root, env)  # dvclive refuses a repo without commits
     out = _run(["dvc", "repro"], root, env)
     _run(["git", "add", "-A"], root, env)
     _run(["git", "commit", "-qm", "tiny run"], root, env)

@@ -178,8 +178,8 @@ def test_missing_samples_and_distill_name_the_file(tmp_path, params):
     with pytest.raises(ArtefactError, match=r"reports/eval/kd-none/samples\.jsonl"):
         write_report(params, [], tmp_path)
     fabricate(tmp_path, params)
-    (tmp_path / "metrics/distill/confidence.json").unlink()
-    with pytest.raises(ArtefactError, match=r"metrics/distill/confidence\.json"):
+    (tmp_path / "metrics/distill/teacher.json").unlink()
+    with pytest.raises(ArtefactError, match=r"metrics/distill/teacher\.json"):
         write_report(params, [], tmp_path)
 
 
