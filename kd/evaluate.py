@@ -208,16 +208,19 @@ def _make_lm(spec: ModelSpec, batch_size: int, device: str):
                 self._kd_pending = n
             return super().tok_decode(tokens, skip_special_tokens=skip_special_tokens)
 
-    kwargs: dict[str, Any] = dict(
-        pretrained=str(spec.pretrained.resolve()),
-        dtype=spec.dtype,
-        batch_size=int(batch_size),
-        device=device,
-        trust_remote_code=spec.trust_remote_code,
-    )
+    from kd.loading import load_model, load_tokenizer
+
+    # We load the model ourselves and merge a kd-* adapter into it: the undistilled and distilled students then
+    # go through identical code (HFLM's own `peft=` path resizes the embeddings to the tokenizer, the plain
+    # path does not), and a merged LoRA decodes faster than an unmerged one.
+    model = load_model(spec.pretrained, spec.dtype, spec.trust_remote_code, device=device)
     if spec.peft is not None:
-        kwargs["peft"] = str(spec.peft.resolve())
-    lm = _KdHFLM(**kwargs)
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(spec.peft)).merge_and_unload()
+    model.eval()
+    lm = _KdHFLM(pretrained=model, tokenizer=load_tokenizer(spec.pretrained, spec.trust_remote_code),
+                 batch_size=int(batch_size), device=device, trust_remote_code=spec.trust_remote_code)
     lm.token_counts = {}
     lm.stop_ids = set(_ensure_eos_stops(lm, _task_stops()))
     lm.set_cache_hook(_CountingHook(lm))

@@ -86,7 +86,7 @@ def _reference(model_dir, prompts, max_new, dtype=torch.bfloat16, adapter=None):
     if adapter is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(adapter))
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()  # as eval does
     model.eval()
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     out = []
