@@ -80,16 +80,17 @@ def _shifted_hidden(model, ids: list[int], start: int, count: int) -> torch.Tens
 
 
 def example_loss(model, ex: Example, teacher_logits: Callable[[int, int], torch.Tensor], alpha: float,
-                 temperature: float, kind: str, hard_target: str, chunk: int) -> dict[str, torch.Tensor]:
+                 temperature: float, kind: str, hard_target: str, chunk: int,
+                 width: int | None = None) -> dict[str, torch.Tensor]:
     head = model.get_output_embeddings()
     h = _shifted_hidden(model, ex.input_ids, ex.prompt_len, ex.response_len)
     targets = torch.tensor(ex.input_ids[ex.prompt_len:], device=h.device)
-    ce, kd = response_losses(h, head, targets, teacher_logits, temperature, kind, chunk)
+    ce, kd = response_losses(h, head, targets, teacher_logits, temperature, kind, chunk, width)
     if hard_target == "gold":
         n = len(ex.gold_ids) - ex.prompt_len
         hg = _shifted_hidden(model, ex.gold_ids, ex.prompt_len, n)
         ce, _ = response_losses(hg, head, torch.tensor(ex.gold_ids[ex.prompt_len:], device=h.device), None,
-                                temperature, kind, chunk)
+                                temperature, kind, chunk, width)
     return {"loss": combine(ce, kd, alpha, temperature), "ce": ce, "kd": kd}
 
 
@@ -140,7 +141,8 @@ class Checkpoint:
 
 def train(model, examples: list[Example], teacher_for: Callable[[int], Callable[[int, int], torch.Tensor]],
           cfg: dict, alpha: float, temperature: float, seed: int, checkpoint: Checkpoint,
-          checkpoint_every: int, on_step: Callable[[int, dict], None] | None = None) -> list[dict]:
+          checkpoint_every: int, on_step: Callable[[int, dict], None] | None = None,
+          width: int | None = None) -> list[dict]:
     """Run the whole schedule; returns the per-step history [{step, epoch, loss, ce, kd, lr}]."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
@@ -163,7 +165,7 @@ def train(model, examples: list[Example], teacher_for: Callable[[int], Callable[
             for g in opt.param_groups:
                 g["lr"] = lr
             losses = example_loss(model, ex, teacher_for(ex.id), alpha, temperature, cfg["loss"],
-                                  cfg["hard_target"], cfg["kd_chunk"])
+                                  cfg["hard_target"], cfg["kd_chunk"], width)
             if not torch.isfinite(losses["loss"]):
                 raise KdError(f"distill: non-finite loss at step {step} (example id {ex.id}); lower distill.lr")
             losses["loss"].backward()

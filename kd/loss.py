@@ -37,22 +37,23 @@ def combine(ce: torch.Tensor, kd: torch.Tensor, alpha: float, temperature: float
     return alpha * ce + (1.0 - alpha) * temperature ** 2 * kd
 
 
-def _chunk_terms(hidden, output_layer, targets, teacher_logits, temperature, kind):
-    logits = output_layer(hidden).double()
+def _chunk_terms(hidden, output_layer, targets, teacher_logits, temperature, kind, width):
+    logits = output_layer(hidden)[..., :width].double()
     ce = F.cross_entropy(logits, targets, reduction="sum")
-    kd = divergence(logits, teacher_logits, temperature, kind).sum() if teacher_logits is not None \
+    kd = divergence(logits, teacher_logits[..., :width], temperature, kind).sum() if teacher_logits is not None \
         else logits.new_zeros(())
     return ce, kd
 
 
 def response_losses(hidden: torch.Tensor, output_layer: torch.nn.Module, targets: torch.Tensor,
                     teacher_logits: Callable[[int, int], torch.Tensor] | None, temperature: float, kind: str,
-                    chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+                    chunk: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean CE and mean divergence over R response positions.
 
     hidden[j] is the student's final hidden state at the position that predicts targets[j] (already shifted:
     position len(prompt)+j-1 predicts response token j). teacher_logits(a, b) returns the teacher's logits for
-    the same response tokens a..b-1, so both distributions are always taken at the same tokens."""
+    the same response tokens a..b-1, so both distributions are always taken at the same tokens. `width` keeps
+    the first columns only: the real tokens, without the output layer's padding rows (kd.models.check_same_vocab)."""
     n = targets.shape[0]
     ce_sum = hidden.new_zeros((), dtype=torch.float64)
     kd_sum = hidden.new_zeros((), dtype=torch.float64)
@@ -61,8 +62,8 @@ def response_losses(hidden: torch.Tensor, output_layer: torch.nn.Module, targets
         t = teacher_logits(a, b).to(hidden.device) if teacher_logits is not None else None
         if torch.is_grad_enabled() and hidden.requires_grad:
             ce, kd = checkpoint(_chunk_terms, hidden[a:b], output_layer, targets[a:b], t, temperature, kind,
-                                use_reentrant=False)
+                                width, use_reentrant=False)
         else:
-            ce, kd = _chunk_terms(hidden[a:b], output_layer, targets[a:b], t, temperature, kind)
+            ce, kd = _chunk_terms(hidden[a:b], output_layer, targets[a:b], t, temperature, kind, width)
         ce_sum, kd_sum = ce_sum + ce, kd_sum + kd
     return ce_sum / n, kd_sum / n

@@ -191,6 +191,13 @@ def _table(headers: list[str], rows: list[list[str]]) -> dict:
     return {"headers": headers, "rows": rows}
 
 
+def _remote_code(p: dict) -> str:
+    """Models load with trust_remote_code=False unless params allow it; the report says which did."""
+    on = [role for role in ("teacher", "student") if p[role].get("trust_remote_code")]
+    return "off (safetensors weights only, no model code executed)" if not on else \
+        f"ON for {' and '.join(on)}: Python code shipped with the model was executed"
+
+
 def sections(an: dict) -> list[dict]:
     """The page as data: [{title, paras: [str], table: {headers, rows} | None, image: str | None}]."""
     p, data, ev = an["params"], an["data"], an["data"]["eval"]
@@ -218,7 +225,8 @@ def sections(an: dict) -> list[dict]:
              ["strategies", ", ".join(data["strategies"])],
              ["evaluated models", ", ".join(data["models"])],
              ["max new tokens (teacher · eval)", f"{p['teacher']['max_new_tokens']} · {p['eval']['max_new_tokens']}"],
-             ["seed", str(p["seed"])]]
+             ["seed", str(p["seed"])],
+             ["remote model code (trust_remote_code)", _remote_code(p)]]
     out.append({"title": "Setup", "paras": [], "table": _table(["param", "value"], setup)})
 
     rows = []
@@ -270,7 +278,7 @@ def sections(an: dict) -> list[dict]:
                      str(r["examples"])])
     out.append({"title": "Distillation",
                 "paras": [f"total = {p['alpha']} · CE + (1 − {p['alpha']}) · T² · {d['loss']} "
-                          f"(T = {p['temperature']}); final values of the last logged step."],
+                          f"(T = {p['temperature']}); final = mean over the last epoch."],
                 "table": _table(["strategy", "final loss", "final CE", "final KD", "steps", "examples"], rows)})
 
     if an["attention"]:

@@ -14,6 +14,7 @@ from kd.distill import Checkpoint, build_examples, summarise, train
 from kd.errors import KdError
 from kd.io import atomic_path, read_jsonl, sha256_file, write_json
 from kd.loading import load_model, load_tokenizer
+from kd.models import check_same_vocab
 from kd.params import load_params
 from kd.seeding import seed_everything
 from kd.teacher_signal import TeacherSignal
@@ -28,10 +29,7 @@ def main(strategy):
     questions = {r["id"]: r for r in read_jsonl("data/prepared/transfer.jsonl")}
     # every artefact check runs before the student loads
     signal = TeacherSignal(f"data/logits/{strategy}", responses, "models/teacher")
-    student_vocab = json.loads(Path("models/student/config.json").read_text())["vocab_size"]
-    if student_vocab != signal.manifest["vocab_size"]:
-        raise KdError(f"student.model: output width {student_vocab} differs from the teacher's "
-                      f"{signal.manifest['vocab_size']}; teacher and student must share a tokenizer")
+    vocab = check_same_vocab("models/teacher", "models/student", s["trust_remote_code"])
     fingerprint = hashlib.sha256(json.dumps(
         [cfg, p["alpha"], p["temperature"], p["seed"], p["prompting"]["instruction"],
          sha256_file(f"data/logits/{strategy}/manifest.json"),
@@ -72,11 +70,11 @@ def main(strategy):
         work = Path(".kd-work/distill") / strategy
         history = train(model, examples, lambda i: (lambda a, b: signal.logits(i, a, b)), cfg, p["alpha"],
                         p["temperature"], p["seed"], Checkpoint(work / "checkpoint.safetensors", fingerprint),
-                        cfg["checkpoint_every"], on_step)
+                        cfg["checkpoint_every"], on_step, width=vocab["kd_width"])
     with atomic_path(f"models/kd-{strategy}") as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
     summary = {**summarise(history, len(examples), cfg["epochs"]), "skipped": len(skipped),
-               "response_tokens": sum(e.response_len for e in examples),
+               "response_tokens": sum(e.response_len for e in examples), "kd_width": vocab["kd_width"],
                "trainable_params": sum(q.numel() for q in model.parameters() if q.requires_grad)}
     write_json(f"metrics/distill/{strategy}.json", summary)
     shutil.rmtree(work, ignore_errors=True)

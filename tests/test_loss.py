@@ -81,3 +81,21 @@ def test_chunked_response_losses_match_reference(kind):
     ce2, kd2 = response_losses(hidden, head, targets, lambda a, b: teacher[a:b], temp, kind, chunk=n)
     combine(ce2, kd2, alpha, temp).backward()
     torch.testing.assert_close(g_chunked, hidden.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_width_drops_padding_columns():
+    """Columns past the tokenizer's last real id (output-layer padding) take no part in CE or KD."""
+    torch.manual_seed(1)
+    n, h, v, width = 5, 8, 40, 33
+    head = torch.nn.Linear(h, v, bias=False)
+    hidden = torch.randn(n, h)
+    teacher = torch.randn(n, v)
+    targets = torch.randint(0, width, (n,))
+    ce, kd = response_losses(hidden, head, targets, lambda a, b: teacher[a:b], 2.0, "reverse_kl", 2, width)
+    logits = (hidden @ head.weight.T).detach().double().numpy()[:, :width]
+    p1 = _softmax64(logits, 1.0)
+    assert abs(ce.item() + np.log(p1[np.arange(n), targets.numpy()]).mean()) < 1e-6
+    assert abs(kd.item() - _reference(logits, teacher.numpy()[:, :width], 2.0, "reverse_kl").mean()) < 1e-6
+    teacher[:, width:] += 50.0  # mass on padding columns must not matter
+    _, kd2 = response_losses(hidden, head, targets, lambda a, b: teacher[a:b], 2.0, "reverse_kl", 2, width)
+    assert kd2.item() == kd.item()
