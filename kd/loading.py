@@ -31,15 +31,29 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
 
 
 def load_model(path: str | Path, dtype: str = "bfloat16", trust_remote_code: bool = False,
-               attn_implementation: str | None = None, device: str | None = None):
+               attn_implementation: str | None = None, device: str | None = None,
+               quantization: str | None = None):
+    """quantization: None, "bnb-4bit" (NF4, bf16 compute) or "bnb-8bit": bitsandbytes at load time, CUDA only.
+    The output layer is never quantized (bitsandbytes skips lm_head), so the teacher signal stays exact."""
     from transformers import AutoModelForCausalLM
 
     path = _check_dir(path)
     kwargs = dict(dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if quantization:
+        if not torch.cuda.is_available():
+            raise ArtefactError(f"teacher.quantization={quantization} needs a CUDA GPU (bitsandbytes); "
+                                "set it to null on a CPU machine")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=DTYPES[dtype])
+            if quantization == "bnb-4bit" else BitsAndBytesConfig(load_in_8bit=True))
+        kwargs["device_map"] = "auto"  # spread a large teacher over every visible GPU
     model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-    model.to(device or default_device())
+    if not quantization:
+        model.to(device or default_device())
     model.eval()
     return model
 

@@ -18,6 +18,7 @@ DTYPES = ["bfloat16", "float16", "float32"]
 LOGIT_FORMATS = ["hidden", "full", "topk"]
 LOSSES = ["reverse_kl", "forward_kl", "jsd"]
 HARD_TARGETS = ["teacher", "gold"]
+QUANTIZATIONS = ["bnb-4bit", "bnb-8bit"]  # load-time quantization of the teacher (CUDA + bitsandbytes)
 SOURCE_RE = re.compile(r"^(hub:\S+|jsonl:\S+|pypi:[A-Za-z0-9_.\-]+(==\S+)?)$")
 
 
@@ -104,7 +105,8 @@ SCHEMA: dict[str, Any] = {
     "prepare": {"source": _source, "transfer_size": _int(1, 10**6), "validation_size": _int(0, 10**6),
                 "eval_size": _int(1, 10**6)},
     "prompting": {"strategies": _str_list, "file": _str, "instruction": _text},
-    "teacher": {**MODEL, "max_new_tokens": _int(1, 32768), "batch_size": _int(1, 4096)},
+    "teacher": {**MODEL, "max_new_tokens": _int(1, 32768), "batch_size": _int(1, 4096),
+                "quantization": _optional(_choice(QUANTIZATIONS))},
     "student": dict(MODEL),
     "logits": {"format": _choice(LOGIT_FORMATS), "top_k": _int(1, 10**7), "shard_rows": _int(1, 10**9)},
     "distill": {"loss": _choice(LOSSES), "hard_target": _choice(HARD_TARGETS), "epochs": _int(1, 1000),
@@ -171,7 +173,9 @@ def read_yaml(path: str | Path) -> Any:
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        raise KdError(f"{path}: not valid YAML ({e})") from None
+        mark = getattr(e, "problem_mark", None)  # one line: where, and what (PyYAML's str() spans several)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise KdError(f"{path}: not valid YAML ({where}{getattr(e, 'problem', None) or e})") from None
 
 
 def load_params(path: str | Path = "params.yaml", root: str | Path = ".") -> dict:

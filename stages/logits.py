@@ -22,7 +22,7 @@ def main(strategy):
     responses = read_jsonl(f"data/teacher/{strategy}/responses.jsonl")
     t0 = time.time()
     seed_everything(p["seed"])
-    model = load_model("models/teacher", t["dtype"], t["trust_remote_code"])
+    model = load_model("models/teacher", t["dtype"], t["trust_remote_code"], quantization=t["quantization"])
     name, weight = output_layer("models/teacher")
     meta = {"strategy": strategy, "dtype": t["dtype"], "hidden_size": model.config.hidden_size,
             "vocab_size": weight.shape[0], "top_k": cfg["top_k"] if cfg["format"] == "topk" else None,

@@ -36,7 +36,7 @@ def main(strategy):
     t0 = time.time()
     seed_everything(p["seed"])
     tok = load_tokenizer(model_dir, t["trust_remote_code"])
-    model = load_model(model_dir, t["dtype"], t["trust_remote_code"])
+    model = load_model(model_dir, t["dtype"], t["trust_remote_code"], quantization=t["quantization"])
     work = Path(".kd-work/teacher") / strategy
     with tqdm(total=len(rows), desc=f"teacher@{strategy}", unit="q") as bar:
         out = run_generation(model, tok, rows, template, p["prompting"]["instruction"], t["max_new_tokens"],
