@@ -63,6 +63,45 @@ def validate(path):
     click.echo(f"{path}: ok (profile {p['profile']}, strategies {', '.join(p['prompting']['strategies'])})")
 
 
+@cli.command()
+@click.option("--profile", "profile_name", default="tiny", show_default=True, help="Profile both runs use.")
+@click.option("--tolerance", is_flag=True,
+              help="Where bit-exactness is impossible (GPU): compare metrics within --rtol/--atol instead.")
+@click.option("--rtol", type=float, default=None, help="Relative tolerance for --tolerance (default 0.01).")
+@click.option("--atol", type=float, default=None, help="Absolute tolerance for --tolerance (default 0.01).")
+@click.option("--skip-invalidation", is_flag=True, help="Only compare the two runs.")
+@click.option("--quick", is_flag=True,
+              help="No runs: check invalidation and code deps on a placeholder project (seconds).")
+@click.option("--keep", is_flag=True, help="Keep the temporary project copies (their path is printed).")
+@click.option("--workdir", type=click.Path(file_okay=False), default=None,
+              help="Where the copies go (default $TMPDIR).")
+def verify(profile_name, tolerance, rtol, atol, skip_invalidation, quick, keep, workdir):
+    """Run the pipeline twice from scratch in temp copies; compare every output and metric; check that each
+    param/file change invalidates exactly the stages that use it. Exit 1 naming the first difference."""
+    from kd.verify import DEFAULT_ATOL, DEFAULT_RTOL, ROOT, render, verify as run_verify
+
+    if (rtol is not None or atol is not None) and not tolerance:
+        raise click.UsageError("--rtol/--atol need --tolerance")
+    if quick and skip_invalidation:
+        raise click.UsageError("--quick and --skip-invalidation leave nothing to check")
+    tol = (DEFAULT_RTOL if rtol is None else rtol, DEFAULT_ATOL if atol is None else atol) if tolerance else None
+    root = Path.cwd() if (Path.cwd() / "dvc.yaml").exists() else ROOT
+    v = run_verify(root, profile_name, tol, Path(workdir) if workdir else None, keep, not skip_invalidation,
+                   reproduce=not quick, echo=click.echo)
+    click.echo(render(v))
+    sys.exit(0 if v.ok else 1)
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("dvc_args", nargs=-1, type=click.UNPROCESSED)
+def repro(dvc_args):
+    """Check params, strategies, data and models cheaply (naming the bad key or file), then `dvc repro DVC_ARGS`.
+    A stage that still fails gets its previous outputs back, so nothing already produced is lost."""
+    from kd.verify import repro as run_repro
+
+    sys.exit(run_repro(Path.cwd(), list(dvc_args), echo=click.echo))
+
+
 def main():
     try:
         cli(standalone_mode=False)

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 from kd.errors import KdError
 
 
 def run_stage(command) -> None:
-    # stages/*.py are run as scripts by DVC; make `kd` importable from a checkout without installing
-    root = os.path.dirname(os.path.dirname(os.path.abspath(sys.argv[0])))
-    if root not in sys.path:
-        sys.path.insert(0, root)
     try:
         command(standalone_mode=False)
     except KdError as e:

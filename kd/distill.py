@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from kd.errors import KdError
-from kd.io import save_safetensors, write_json
+from kd.io import save_safetensors
 from kd.loss import combine, response_losses
 from kd.prompting import chat_ids, render_question
 

@@ -5,12 +5,14 @@ teacher and student are compared on the same tokens — re-tokenising text could
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from kd.answers import score
+from kd.errors import ArtefactError
 from kd.io import read_json, write_json
 from kd.prompting import chat_ids, teacher_text
 
@@ -61,11 +63,17 @@ def run_generation(model, tokenizer, rows: list[dict], template: str, instructio
     `fingerprint` names everything the responses depend on: a batch from other settings is never reused."""
     prompts = build_prompts(rows, template, instruction, tokenizer)
     done: dict[int, list[int]] = {}
-    for n, batch in enumerate(batches(prompts, batch_size)):
+    order = batches(prompts, batch_size)
+    reused = 0
+    for n, batch in enumerate(order):
         part = work_dir / f"batch-{n:05d}.json"
-        cached = read_json(part) if part.exists() else None
+        try:
+            cached = read_json(part) if part.exists() else None
+        except ArtefactError:  # unreadable (e.g. written while the disk was full): generate it again
+            cached = None
         if cached and cached.get("fingerprint") == fingerprint and cached["ids"] == [p["id"] for p in batch]:
             responses = cached["responses"]
+            reused += 1
         else:
             responses = generate_batch(model, tokenizer, batch, max_new_tokens)
             write_json(part, {"fingerprint": fingerprint, "ids": [p["id"] for p in batch], "responses": responses})
@@ -73,6 +81,9 @@ def run_generation(model, tokenizer, rows: list[dict], template: str, instructio
             done[p["id"]] = r
         if progress:
             progress(len(batch))
+    if reused:
+        print(f"teacher: reused {reused} of {len(order)} finished batches from {work_dir} "
+              "(an earlier run was interrupted)", file=sys.stderr)
     by_id = {r["id"]: r for r in rows}
     out = []
     for p in sorted(prompts, key=lambda p: p["id"]):

@@ -4,6 +4,7 @@ so a killed stage never leaves a half-written file that DVC could cache."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -12,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from kd.errors import ArtefactError
+from kd.errors import ArtefactError, KdError
 
 
 @contextlib.contextmanager
@@ -20,14 +21,32 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed onto `path` (file or dir)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)) / path.name
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)) / path.name
+    except OSError as e:
+        _raise_if_full(e, path)
+        raise
     try:
         yield tmp
         if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
+            os.replace(path, tmp.parent / ".previous")  # a rename, not a delete: a kill here keeps the old folder
         os.replace(tmp, path)
+    except OSError as e:
+        _raise_if_full(e, path)
+        raise
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def _raise_if_full(e: OSError, path: Path) -> None:
+    """A full disk (or quota, or file-size limit) while writing an output: one clear error naming it."""
+    if e.errno in _FULL:
+        raise KdError(f"{path}: could not write it ({e.strerror}): the disk is full or a size limit was reached. "
+                      "Nothing half-written was kept and the previous version, if any, is untouched; free space "
+                      "and re-run") from None
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -23,7 +23,9 @@ def load_strategies(path: str | Path) -> dict[str, str]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        raise KdError(f"{path}: not valid YAML ({e})") from None
+        mark = getattr(e, "problem_mark", None)  # one line: where, and what (PyYAML's str() spans several)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise KdError(f"{path}: not valid YAML ({where}{getattr(e, 'problem', None) or e})") from None
     if not isinstance(data, dict) or not data:
         raise KdError(f"{path}: expected a mapping of strategy name -> {{template: ...}}")
     out = {}

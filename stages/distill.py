@@ -1,5 +1,10 @@
 """Stage `distill@<strategy>`: LoRA-train the student on the teacher's responses (no priming prefix)."""
 
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's `kd`
+
 import hashlib
 import json
 import shutil
@@ -71,6 +76,9 @@ def main(strategy):
         history = train(model, examples, lambda i: (lambda a, b: signal.logits(i, a, b)), cfg, p["alpha"],
                         p["temperature"], p["seed"], Checkpoint(work / "checkpoint.safetensors", fingerprint),
                         cfg["checkpoint_every"], on_step, width=vocab["kd_width"])
+    for c in model.peft_config.values():  # peft keeps target_modules as a set: saved order follows PYTHONHASHSEED
+        if isinstance(c.target_modules, (set, frozenset)):
+            c.target_modules = sorted(c.target_modules)
     with atomic_path(f"models/kd-{strategy}") as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
     summary = {**summarise(history, len(examples), cfg["epochs"]), "skipped": len(skipped),

@@ -1,5 +1,10 @@
 """Stage `eval@<model>`: zero-shot GSM8K accuracy of teacher, student or kd-<strategy> via lm-eval."""
 
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's `kd`
+
 import click
 
 from kd.cli_util import run_stage

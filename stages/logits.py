@@ -1,5 +1,10 @@
 """Stage `logits@<strategy>`: teacher forward over (primed prompt + its response); store the teacher signal."""
 
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's `kd`
+
 import time
 from pathlib import Path
 

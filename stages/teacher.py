@@ -1,5 +1,10 @@
 """Stage `teacher@<strategy>`: the teacher answers every transfer question under one priming strategy."""
 
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's `kd`
+
 import hashlib
 import json
 import shutil

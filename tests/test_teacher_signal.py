@@ -1,7 +1,5 @@
 """Teacher signal: hidden states recompute the teacher's own logits; every corruption is caught before training."""
 
-import json
-import shutil
 
 import pytest
 import torch
