@@ -176,43 +176,32 @@ def model_attention(model, sequences: Sequence[Sequence[int]]) -> list[dict]:
 
 
 def load_for_attention(name: str, models_dir: str | Path = "models", dtype: str = "bfloat16",
-                       trust_remote_code: bool = False, device: str | None = None):
-    """models/student, or models/kd-<strategy> (a LoRA adapter over models/student) merged into it;
-    eager attention so the weights are returned."""
-    from kd.loading import load_model
+                       trust_remote_code: bool = False, device: str | None = None, strategies: Sequence[str] = ()):
+    """A student arm exactly as evaluated (adapter unmerged, kd.loading.load_adapted), with eager attention so
+    the weights are returned."""
+    from kd.arms import resolve, student_arms
+    from kd.loading import load_adapted
 
-    models_dir = Path(models_dir)
-    base = load_model(models_dir / "student", dtype=dtype, trust_remote_code=trust_remote_code,
-                      attn_implementation="eager", device=device)
-    if name == "student":
-        return base
-    if not name.startswith("kd-"):
-        raise KdError(f"attention summary is for the student models (student, kd-<strategy>), not {name!r}")
-    adapter = models_dir / name
-    if not (adapter / "adapter_config.json").exists():
-        raise ArtefactError(f"{adapter}: not a LoRA adapter folder (no adapter_config.json); "
-                            f"run `dvc repro` for the distill stage that produces it")
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
-    model.eval()
-    return model
-
-
-def attention_models(eval_models: Sequence[str]) -> list[str]:
-    """The students among params eval.models (the teacher's maps are not summarised)."""
-    return [m for m in eval_models if m == "student" or m.startswith("kd-")]
+    if name not in student_arms(strategies):
+        raise KdError(f"attention summary is for the student arms ({', '.join(student_arms(strategies))}), "
+                      f"not {name!r}")
+    arm = resolve(name, strategies, models_dir)
+    return load_adapted(arm.model_dir, arm.adapter_dir, dtype=dtype, trust_remote_code=trust_remote_code,
+                        attn_implementation="eager", device=device)
 
 
 def attention_rows(params: dict, root: str | Path = ".") -> list[dict]:
-    """Flat rows {model, layer, <stats>} for every student model in eval.models, over the first
+    """Flat rows {model, layer, <stats>} for every student arm (kd.arms.student_arms), over the first
     report.attention_prompts eval questions, rendered as eval renders them."""
     from kd.io import read_jsonl
     from kd.loading import load_tokenizer
 
     root = Path(root)
     n = int(params["report"]["attention_prompts"])
-    names = attention_models(params["eval"]["models"])
+    from kd.arms import student_arms
+
+    strategies = params["prompting"]["strategies"]
+    names = student_arms(strategies)
     if n <= 0 or not names:
         return []
     questions = [r["question"] for r in read_jsonl(root / "data/prepared/eval.jsonl")[:n]]
@@ -224,7 +213,7 @@ def attention_rows(params: dict, root: str | Path = ".") -> list[dict]:
     rows = []
     for name in names:
         model = load_for_attention(name, root / "models", dtype=st.get("dtype", "bfloat16"),
-                                   trust_remote_code=st.get("trust_remote_code", False))
+                                   trust_remote_code=st.get("trust_remote_code", False), strategies=strategies)
         for layer in model_attention(model, seqs):
             rows.append({"model": name, **layer})
         del model

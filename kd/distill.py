@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -21,6 +22,7 @@ import torch
 from kd.errors import KdError
 from kd.io import save_safetensors
 from kd.loss import combine, response_losses
+from kd.params import RESPONSE_FILTERS
 from kd.prompting import chat_ids, render_question
 
 CALCULATOR = re.compile(r"<<[^>]*>>")
@@ -60,6 +62,36 @@ def build_examples(responses: list[dict], questions: dict[int, dict], tokenizer,
             gold = (prompt + tokenizer(gold_text(q["answer"]), add_special_tokens=False)["input_ids"] + [eos])
             gold = gold[:max_length]
         examples.append(Example(r["id"], prompt + resp, len(prompt), len(resp), gold))
+    return examples, skipped
+
+
+def select_responses(responses: list[dict], rule: str) -> list[dict]:
+    """Which teacher responses to distill on (`distill.response_filter`): `all`; `finished` (the teacher stopped
+    by itself, not at teacher.max_new_tokens); `correct` (finished and its `#### N` line equals the gold answer:
+    rejection sampling)."""
+    if rule == "all":
+        return list(responses)
+    if rule == "finished":
+        return [r for r in responses if r["finished"]]
+    if rule == "correct":
+        return [r for r in responses if r["finished"] and r["correct_strict"]]
+    raise KdError(f"distill.response_filter: unknown rule {rule!r} (allowed: {', '.join(RESPONSE_FILTERS)})")
+
+
+def build_gold_examples(questions: list[dict], tokenizer, instruction: str,
+                        max_length: int) -> tuple[list[Example], list[int]]:
+    """The fine-tune control's examples: the student's prompt followed by GSM8K's gold solution and eos, for every
+    transfer question, in integer-id order (no teacher involved)."""
+    examples, skipped = [], []
+    for q in sorted(questions, key=lambda q: q["id"]):
+        prompt = chat_ids(tokenizer, render_question(q["question"], instruction))
+        target = tokenizer(gold_text(q["answer"]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        room = max_length - len(prompt)
+        if room < 1:
+            skipped.append(q["id"])
+            continue
+        target = target[:room]
+        examples.append(Example(q["id"], prompt + target, len(prompt), len(target)))
     return examples, skipped
 
 
@@ -124,7 +156,9 @@ class Checkpoint:
                 if meta.get("fingerprint") != self.fingerprint:
                     return None
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception:  # a checkpoint we cannot read is one we do not trust: start over
+        except (OSError, ValueError, RuntimeError) as e:  # safetensors' errors for a torn or garbage file
+            # say so: a silent restart from step 0 would hide a bug in save/load
+            print(f"distill: checkpoint {self.path} is unreadable ({e}); starting from step 0", file=sys.stderr)
             return None
         params = dict(model.named_parameters())
         with torch.no_grad():

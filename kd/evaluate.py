@@ -21,7 +21,7 @@ from typing import Any, Iterable, Sequence
 
 from kd.errors import ArtefactError, KdError, ParamError
 from kd.io import read_jsonl, write_json, write_jsonl
-from kd.prompting import render_question  # shared with teacher/distill: every model sees the same question
+from kd.prompting import eval_prompt  # shared with teacher/distill: every model sees the same question
 
 log = logging.getLogger(__name__)
 
@@ -36,44 +36,27 @@ MODELS_DIR = Path("models")
 METRICS_DIR = Path("metrics/eval")
 REPORTS_DIR = Path("reports/eval")
 
-MODEL_FORMS = "teacher, student, kd-<strategy> with <strategy> in prompting.strategies"
-
-
 # ----------------------------------------------------------------------------------------------- models
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    name: str               # teacher | student | kd-<strategy>
+    name: str               # an arm (kd.arms): teacher | student | student_cot | finetune | kd-<strategy>
     pretrained: Path        # full HF folder
-    peft: Path | None       # LoRA adapter folder over `pretrained` (kd-* only)
+    peft: Path | None       # LoRA adapter folder over `pretrained` (finetune, kd-*), loaded unmerged
     dtype: str
     trust_remote_code: bool
+    prompt: str = "task"    # task | cot (kd.prompting.eval_prompt)
 
 
 def resolve_model(name: str, params: dict, models_dir: str | Path = MODELS_DIR) -> ModelSpec:
-    """Map an eval model name to its folders and loading options. Validates only; touches no files."""
-    allowed = list(params["eval"]["models"])
-    if name not in allowed:
-        raise ParamError("eval.models", f"does not list {name!r}", allowed=", ".join(allowed))
-    models_dir = Path(models_dir)
+    """Map an arm name to its folders and loading options. Validates only; touches no files."""
+    from kd.arms import resolve
 
-    def opts(role: str) -> tuple[str, bool]:
-        sect = params[role]
-        return sect["dtype"], bool(sect.get("trust_remote_code", False))
-
-    if name in ("teacher", "student"):
-        dtype, trc = opts(name)
-        return ModelSpec(name, models_dir / name, None, dtype, trc)
-    if name.startswith("kd-"):
-        strategy = name[len("kd-"):]
-        strategies = list(params["prompting"]["strategies"])
-        if strategy not in strategies:
-            raise ParamError("eval.models", f"entry {name!r} names a strategy not in prompting.strategies",
-                             allowed=", ".join(f"kd-{s}" for s in strategies))
-        dtype, trc = opts("student")
-        return ModelSpec(name, models_dir / "student", models_dir / name, dtype, trc)
-    raise ParamError("eval.models", f"entry {name!r} is not a model", allowed=MODEL_FORMS)
+    arm = resolve(name, params["prompting"]["strategies"], models_dir)
+    sect = params[arm.role]
+    return ModelSpec(name, arm.model_dir, arm.adapter_dir, sect["dtype"], bool(sect.get("trust_remote_code", False)),
+                     arm.prompt)
 
 
 def check_model_files(spec: ModelSpec) -> None:
@@ -84,8 +67,9 @@ def check_model_files(spec: ModelSpec) -> None:
     if spec.peft is not None:
         for f in ("adapter_config.json", "adapter_model.safetensors"):
             if not (spec.peft / f).exists():
+                stage = "finetune" if spec.name == "finetune" else f"distill@{spec.name[len('kd-'):]}"
                 raise ArtefactError(f"{spec.peft}: not a LoRA adapter folder (no {f}); "
-                                    f"run `dvc repro distill@{spec.name[len('kd-'):]}` first")
+                                    f"run `dvc repro {stage}` first")
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -110,9 +94,9 @@ def load_eval_rows(path: str | Path) -> list[dict]:
     return rows
 
 
-def build_docs(rows: Iterable[dict], instruction: str) -> list[dict]:
+def build_docs(rows: Iterable[dict], instruction: str, style: str = "task") -> list[dict]:
     """lm-eval docs, in file order (so `eval.limit: N` evaluates the first N rows of the prepared split)."""
-    return [{"id": r["id"], "prompt": render_question(r["question"], instruction), "gold": r["gold"]}
+    return [{"id": r["id"], "prompt": eval_prompt(r["question"], instruction, style), "gold": r["gold"]}
             for r in rows]
 
 
@@ -188,7 +172,7 @@ def _make_lm(spec: ModelSpec, batch_size: int, device: str):
                 if n is None:
                     raise KdError("lm-eval: could not pair a generated response with its token count "
                                   "(HFLM.generate_until changed?)")
-                self.lm.token_counts[req[0]] = n
+                self.lm.token_counts[req[0]] = n  # (tokens before the stop token, stopped?)
 
     class _KdHFLM(HFLM):
         token_counts: dict[str, int]
@@ -200,25 +184,20 @@ def _make_lm(spec: ModelSpec, batch_size: int, device: str):
 
         def tok_decode(self, tokens, skip_special_tokens: bool = True):
             if isinstance(tokens, list):  # a generated row (the eos lookup passes a bare int)
-                n = len(tokens)
+                n, stopped = len(tokens), False
                 for j, t in enumerate(tokens):
                     if t in self.stop_ids:
-                        n = j
+                        n, stopped = j, True
                         break
-                self._kd_pending = n
+                self._kd_pending = (n, stopped)
             return super().tok_decode(tokens, skip_special_tokens=skip_special_tokens)
 
-    from kd.loading import load_model, load_tokenizer
+    from kd.loading import load_adapted, load_tokenizer
 
-    # We load the model ourselves and merge a kd-* adapter into it: the undistilled and distilled students then
-    # go through identical code (HFLM's own `peft=` path resizes the embeddings to the tokenizer, the plain
-    # path does not), and a merged LoRA decodes faster than an unmerged one.
-    model = load_model(spec.pretrained, spec.dtype, spec.trust_remote_code, device=device)
-    if spec.peft is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(spec.peft)).merge_and_unload()
-    model.eval()
+    # We load the model ourselves, with an adapter arm's LoRA *unmerged*: evaluated = trained, to the bit (a merge
+    # into bf16 weights rounds most of a small update away). The base and trained students go through identical
+    # code (HFLM's own `peft=` path resizes the embeddings to the tokenizer, the plain path does not).
+    model = load_adapted(spec.pretrained, spec.peft, spec.dtype, spec.trust_remote_code, device=device)
     lm = _KdHFLM(pretrained=model, tokenizer=load_tokenizer(spec.pretrained, spec.trust_remote_code),
                  batch_size=int(batch_size), device=device, trust_remote_code=spec.trust_remote_code)
     lm.token_counts = {}
@@ -344,28 +323,32 @@ def summarise(rows: Sequence[dict]) -> dict:
         out[f"ci95_{suffix}_low"] = lo
         out[f"ci95_{suffix}_high"] = hi
     out["mean_response_tokens"] = sum(r["response_tokens"] for r in rows) / n
+    # answers cut off at eval.max_new_tokens: the flexible filter may have scored an intermediate number
+    out["truncated"] = sum(bool(r["truncated"]) for r in rows)
     return out
 
 
-def response_token_counts(samples: Sequence[dict], lm) -> dict[int, int]:
-    """doc id -> tokens generated before the stop token.
+def response_token_counts(samples: Sequence[dict], lm, max_new_tokens: int) -> dict[int, tuple[int, bool]]:
+    """doc id -> (tokens generated before the stop token, truncated: the row hit max_new_tokens unfinished).
 
-    From the counts our HFLM recorded during generation when there are any; otherwise (an LM that does not
-    record them, e.g. a test double) the response text re-encoded without special tokens. The two differ when
-    a response ends inside a multi-byte character (the decoded text then holds U+FFFD)."""
+    From what our HFLM recorded during generation when it did; otherwise (an LM that does not record, e.g. a
+    test double) the response text re-encoded without special tokens, truncated when it fills the budget. The
+    two counts differ when a response ends inside a multi-byte character (the decoded text then holds U+FFFD)."""
     recorded = getattr(lm, "token_counts", None)
-    out: dict[int, int] = {}
+    out: dict[int, tuple[int, bool]] = {}
     for s in samples:
         doc_id, context = s["doc"]["id"], s["arguments"][0][0]
         if recorded is not None:
             if context not in recorded:
                 raise KdError(f"lm-eval: no token count recorded for doc id {doc_id}")
-            out[doc_id] = recorded[context]
+            n, stopped = recorded[context]
+            out[doc_id] = (n, not stopped)
         else:
             tok = getattr(lm, "tokenizer", None)
             if tok is None:
                 raise KdError("cannot count response tokens: the lm-eval model has no `tokenizer`")
-            out[doc_id] = len(tok(s["resps"][0][0], add_special_tokens=False)["input_ids"])
+            n = len(tok(s["resps"][0][0], add_special_tokens=False)["input_ids"])
+            out[doc_id] = (n, n >= max_new_tokens)
     return out
 
 
@@ -377,16 +360,16 @@ def evaluate_docs(spec: ModelSpec, rows: Sequence[dict], params: dict, *, device
     """Score prepared rows (id/question/gold) with one model. Returns (sample rows, metrics)."""
     ev = params["eval"]
     limit = ev.get("limit")
-    docs = build_docs(rows, params["prompting"]["instruction"])
+    docs = build_docs(rows, params["prompting"]["instruction"], spec.prompt)
     results, lm = run_lm_eval(spec, docs, max_new_tokens=ev["max_new_tokens"], batch_size=ev["batch_size"],
                               limit=limit, seed=params["seed"], device=device, lm=lm)
     samples = results["samples"][TASK_NAME]
     out_rows = rows_from_samples(samples)
     expected = len(docs) if limit is None else min(int(limit), len(docs))
     check_against_lm_eval(out_rows, results["results"][TASK_NAME], expected)
-    counts = response_token_counts(samples, lm)
+    counts = response_token_counts(samples, lm, ev["max_new_tokens"])
     for r in out_rows:
-        r["response_tokens"] = counts[r["id"]]
+        r["response_tokens"], r["truncated"] = counts[r["id"]]
     return out_rows, summarise(out_rows)
 
 

@@ -58,5 +58,30 @@ def load_model(path: str | Path, dtype: str = "bfloat16", trust_remote_code: boo
     return model
 
 
+def load_adapted(pretrained: str | Path, adapter: str | Path | None, dtype: str = "bfloat16",
+                 trust_remote_code: bool = False, attn_implementation: str | None = None,
+                 device: str | None = None):
+    """A model exactly as it was trained: the base weights plus, for an adapter arm, the LoRA adapter kept
+    *unmerged* (peft keeps the adapter weights in float32).
+
+    Merging folds B·A into the base weights in their own dtype: in bf16 most of a small update (the default's
+    ‖ΔW‖/‖W‖ is ~2e-4, below bf16's 2^-8 relative step) rounds away, so a merged student is not the one that was
+    trained. Eval and the attention report both load through here."""
+    model = load_model(pretrained, dtype, trust_remote_code, attn_implementation=attn_implementation,
+                       device=device)
+    if adapter is None:
+        return model
+    adapter = Path(adapter)
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (adapter / f).exists():
+            raise ArtefactError(f"{adapter}: not a LoRA adapter folder (no {f}); run the stage that writes it "
+                                "(`dvc repro`)")
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+    model.eval()
+    return model
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"

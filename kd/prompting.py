@@ -46,14 +46,27 @@ def load_strategies(path: str | Path) -> dict[str, str]:
     return out
 
 
+COT_PROMPT = "Let's think step by step."  # Kojima et al. 2022, the stock zero-shot chain-of-thought trigger
+
+
 def render_question(question: str, instruction: str) -> str:
     """What every model is asked, with no priming: the question, then the answer-format instruction."""
     return f"{question.strip()}\n{instruction}" if instruction else question.strip()
 
 
+def eval_prompt(question: str, instruction: str, style: str) -> str:
+    """The eval prompt of an arm: `task` (question + instruction, what students are trained on) or `cot` (the
+    question + the stock zero-shot CoT trigger, no format instruction: a baseline free of our prompt choice)."""
+    if style == "cot":
+        return f"{question.strip()}\n{COT_PROMPT}"
+    return render_question(question, instruction)
+
+
 def teacher_text(template: str, row: dict, instruction: str) -> str:
-    return template.format(question=render_question(row["question"], instruction),
-                           answer=row["gold"], solution=row["answer"])
+    """The priming template around the bare question, then the answer-format instruction last, so a strategy's
+    own words (e.g. `confidence`'s closing sentence) sit where the original put them: at the end of the question."""
+    primed = template.format(question=row["question"].strip(), answer=row["gold"], solution=row["answer"])
+    return f"{primed}\n{instruction}" if instruction else primed
 
 
 def chat_ids(tokenizer, user_text: str) -> list[int]:

@@ -24,6 +24,20 @@ from kd.errors import ArtefactError
 from kd.io import sha256_bytes, sha256_file, save_safetensors, write_json
 
 MANIFEST = "manifest.json"
+# `hidden` assumes logits = h · W_outᵀ. Models whose head scales or soft-caps the logits break that; refuse them.
+SCALED_HEAD_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_logit_scale")
+# One bf16 step at the largest logit: what two matmul kernels computing the same h · W_outᵀ may differ by. A scaled or
+# capped head, a missing final norm or a wrong layer differs by far more.
+RECOMPUTE_REL_TOL = 2.0 ** -7
+
+
+def check_plain_head(config: dict, model_dir: str | Path) -> None:
+    """Refuse, before any forward pass, a teacher whose logits are not h · W_outᵀ (format `hidden` only)."""
+    for key in SCALED_HEAD_KEYS:
+        v = config.get(key)
+        if v not in (None, 1, 1.0):
+            raise ArtefactError(f"{model_dir}: config {key}={v!r}: its logits are not hidden · W_out^T, so "
+                                "logits.format: hidden cannot reproduce them; set logits.format: full")
 
 
 def tensor_sha256(t: torch.Tensor) -> str:
@@ -53,7 +67,8 @@ def output_layer(model_dir: str | Path) -> tuple[str, torch.Tensor]:
 def capture(model, prompt_ids: list[int], response_ids: list[int], fmt: str, top_k: int,
             check_logits: bool = False) -> tuple[dict[str, torch.Tensor], float | None]:
     """Teacher forward over prompt + response; returns this example's rows in format `fmt`.
-    With check_logits, also returns max |recomputed - model logits| (0.0 means bit for bit)."""
+    With check_logits, also returns max |recomputed - model logits| (0.0 means bit for bit), and for format
+    `hidden` fails when it exceeds RECOMPUTE_REL_TOL x the largest logit."""
     p, r = len(prompt_ids), len(response_ids)
     ids = torch.tensor([prompt_ids + response_ids], device=model.device)
     out = model(input_ids=ids, output_hidden_states=True, logits_to_keep=0 if (check_logits or fmt != "hidden") else 1)
@@ -63,6 +78,11 @@ def capture(model, prompt_ids: list[int], response_ids: list[int], fmt: str, top
     if check_logits:
         recomputed = F.linear(hidden, model.get_output_embeddings().weight)
         diff = (recomputed.float() - logits.float()).abs().max().item()
+        tol = RECOMPUTE_REL_TOL * logits.float().abs().max().item()
+        if fmt == "hidden" and not diff <= tol:  # `not <=`: a NaN fails too
+            raise ArtefactError(f"logits: hidden · W_out^T differs from the teacher's own logits by {diff:.4g} "
+                                f"(tolerance {tol:.4g}): the `hidden` format cannot reproduce this teacher's "
+                                "logits; set logits.format: full")
     if fmt == "hidden":
         return {"hidden": hidden.cpu().contiguous()}, diff
     if fmt == "full":

@@ -12,11 +12,11 @@ import click
 from tqdm import tqdm
 
 from kd.cli_util import run_stage
-from kd.io import atomic_path, read_jsonl
+from kd.io import atomic_path, read_json, read_jsonl
 from kd.loading import load_model
 from kd.params import load_params
 from kd.seeding import seed_everything
-from kd.teacher_signal import SignalWriter, capture, output_layer, tensor_sha256
+from kd.teacher_signal import SignalWriter, capture, check_plain_head, output_layer, tensor_sha256
 
 
 @click.command()
@@ -25,6 +25,8 @@ def main(strategy):
     p = load_params()
     cfg, t = p["logits"], p["teacher"]
     responses = read_jsonl(f"data/teacher/{strategy}/responses.jsonl")
+    if cfg["format"] == "hidden":
+        check_plain_head(read_json("models/teacher/config.json"), "models/teacher")
     t0 = time.time()
     seed_everything(p["seed"])
     model = load_model("models/teacher", t["dtype"], t["trust_remote_code"], quantization=t["quantization"])
@@ -36,13 +38,15 @@ def main(strategy):
     with atomic_path(f"data/logits/{strategy}") as tmp:
         tmp.mkdir()
         writer = SignalWriter(tmp, cfg["format"], cfg["shard_rows"])
-        for i, r in enumerate(tqdm(sorted(responses, key=lambda r: r["id"]), desc=f"logits@{strategy}", unit="q")):
+        for r in tqdm(sorted(responses, key=lambda r: r["id"]), desc=f"logits@{strategy}", unit="q"):
+            # check the recomputation on the first example of every shard (a shard starts when it would overflow)
+            first_of_shard = writer.pending_rows == 0 or writer.pending_rows + len(r["response_ids"]) > cfg["shard_rows"]
             tensors, diff = capture(model, r["prompt_ids"], r["response_ids"], cfg["format"], cfg["top_k"],
-                                    check_logits=(i == 0))
+                                    check_logits=first_of_shard)
             if diff is not None:
                 max_diff = max(max_diff, diff)
             writer.add(r["id"], r["response_ids"], tensors)
-        # proof, on the first example, that hidden @ W_out^T reproduces the model's logits
+        # proof, on every shard's first example, that hidden @ W_out^T reproduces the model's logits
         manifest = writer.close({**meta, "recompute_max_abs_diff": max_diff})
     rows = sum(e["rows"] for e in manifest["examples"])
     size = sum(f.stat().st_size for f in Path(f"data/logits/{strategy}").iterdir())

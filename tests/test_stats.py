@@ -3,7 +3,7 @@ from fractions import Fraction
 
 import pytest
 
-from kd.stats import Z95, mcnemar_exact, paired_comparison, wilson_interval
+from kd.stats import Z95, mcnemar_exact, mcnemar_mde, mcnemar_power, paired_comparison, wilson_interval
 
 
 def _wilson_ref(k, n, z=Z95):
@@ -46,8 +46,8 @@ def test_wilson_known_values_and_edges():
     lo, hi = wilson_interval(5, 10)
     assert lo + hi == pytest.approx(1.0, abs=1e-15)
     assert (round(lo, 4), round(hi, 4)) == (0.2366, 0.7634)  # the usual published table value
-    # a wider z gives a wider interval
-    assert wilson_interval(3, 10, z=2.576)[0] < wilson_interval(3, 10)[0]
+    # a higher confidence gives a wider interval
+    assert wilson_interval(3, 10, confidence=0.99)[0] < wilson_interval(3, 10)[0]
 
 
 @pytest.mark.parametrize("k,n", [(-1, 5), (6, 5), (0, 0), (1, -1)])
@@ -98,8 +98,60 @@ def test_paired_comparison():
     b = {1: True, 2: False, 3: True, 4: False, 5: False}
     r = paired_comparison(a, b)
     assert r == {"n": 5, "both": 1, "only_a": 2, "only_b": 1, "neither": 1, "accuracy_a": 0.6,
-                 "accuracy_b": 0.4, "difference": pytest.approx(0.2), "mcnemar_p": 1.0}
+                 "accuracy_b": 0.4, "difference": pytest.approx(0.2), "mcnemar_p": 1.0, "mde": 1.0}
     with pytest.raises(ValueError, match="same questions"):
         paired_comparison(a, {1: True})
     with pytest.raises(ValueError):
         paired_comparison({}, {})
+
+
+# ------------------------------------------------------------------------------------------------ power
+
+
+def _power_monte_carlo(n, psi, d, reps=8000, seed=0):
+    """Independent reference: simulate paired outcomes and apply the exact McNemar test (our own p-value)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    m = rng.binomial(n, psi, reps)
+    c = rng.binomial(m, (psi + d) / (2 * psi))
+    return float(np.mean([mcnemar_exact(int(mm - cc), int(cc)) <= 0.05 for mm, cc in zip(m, c)]))
+
+
+@pytest.mark.parametrize("n,psi,d", [(48, 0.3, 0.2), (48, 0.1, 0.05), (100, 0.2, 0.1), (30, 0.5, 0.3)])
+def test_power_matches_simulation(n, psi, d):
+    exact = mcnemar_power(n, psi, d)
+    assert exact == pytest.approx(_power_monte_carlo(n, psi, d), abs=0.02)  # MC s.e. <= 0.0056
+
+
+def test_power_near_connor_for_large_n():
+    # Connor (1987) normal approximation: n = (z_a sqrt(psi) + z_b sqrt(psi - d^2))^2 / d^2
+    from scipy.stats import norm
+
+    psi, d, n = 0.3, 0.08, 400
+    z_b = (d * math.sqrt(n) - Z95 * math.sqrt(psi)) / math.sqrt(psi - d * d)
+    assert mcnemar_power(n, psi, d) == pytest.approx(norm.cdf(z_b), abs=0.03)
+
+
+def test_mde_is_the_smallest_detectable_grid_difference():
+    for n, psi in [(16, 0.2), (48, 0.25), (64, 0.0), (128, 0.3)]:
+        mde = mcnemar_mde(n, psi)
+        k = round(mde * n)
+        assert mcnemar_power(n, max(psi, k / n), k / n) >= 0.8
+        assert k == 1 or mcnemar_power(n, max(psi, (k - 1) / n), (k - 1) / n) < 0.8
+    # more questions detect smaller differences; more disagreement needs larger ones
+    assert mcnemar_mde(200, 0.2) < mcnemar_mde(48, 0.2)
+    assert mcnemar_mde(100, 0.4) > mcnemar_mde(100, 0.1)
+
+
+def test_mde_known_value_all_discordant_one_way():
+    # psi floored at d: every discordant pair goes the better model's way; with n = 16, 8 wins out of 8 give
+    # p = 2 / 2^8 < 0.05 for sure only when M >= 6 is (almost) certain — the exact search says 8/16
+    assert mcnemar_mde(16, 0.0) == 0.5
+
+
+def test_paired_comparison_reports_mde():
+    a = {i: i < 10 for i in range(48)}
+    b = {i: i < 6 for i in range(48)}
+    r = paired_comparison(a, b)
+    assert r["mde"] == mcnemar_mde(48, 4 / 48)

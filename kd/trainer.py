@@ -1,0 +1,90 @@
+"""One LoRA training run of the student, shared by `distill@<strategy>` and the fine-tune control (`finetune`):
+build the LoRA, train (kd.distill.train) with dvclive curves and resumable checkpoints, save the adapter
+atomically, write the metrics. The stages only choose the examples and the teacher signal."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+from kd.distill import Checkpoint, Example, summarise, train
+from kd.errors import KdError
+from kd.io import atomic_path, sha256_file, write_json
+
+
+def fingerprint(*parts) -> str:
+    """A digest of everything a run's result depends on: a checkpoint from other inputs is never resumed."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def weights_digest(model_dir: str | Path) -> list[str]:
+    return sorted(sha256_file(f) for f in Path(model_dir).glob("*.safetensors"))
+
+
+def lora_student(model_dir: str | Path, dtype: str, trust_remote_code: bool, lora: dict, seed: int):
+    """The student with fresh LoRA adapters (A drawn from the seeded global generator, B zero)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from kd.loading import load_model
+
+    model = load_model(model_dir, dtype, trust_remote_code)
+    torch.manual_seed(seed)  # LoRA A matrices are drawn from the global generator
+    return get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                                            target_modules=lora["target_modules"], task_type="CAUSAL_LM"))
+
+
+def save_adapter(model, out_dir: str | Path) -> None:
+    """Atomic, byte-stable: peft keeps target_modules as a set, whose saved order follows PYTHONHASHSEED."""
+    for c in model.peft_config.values():
+        if isinstance(c.target_modules, (set, frozenset)):
+            c.target_modules = sorted(c.target_modules)
+    with atomic_path(out_dir) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+
+
+def run_training(name: str, model, examples: list[Example],
+                 teacher_for: Callable[[int], Callable[[int, int], object] | None], cfg: dict, alpha: float,
+                 temperature: float, seed: int, run_fingerprint: str, *, adapter_dir: str | Path,
+                 curves_dir: str | Path, metrics_path: str | Path, work_dir: str | Path,
+                 width: int | None = None, extra: dict | None = None) -> dict:
+    """Train `model` (a peft LoRA model) on `examples`; returns the metrics written to `metrics_path`.
+
+    The training curves go to a temp folder that replaces `curves_dir` only when training succeeded: a failed
+    run leaves the previous curves in place."""
+    from dvclive import Live
+    from tqdm import tqdm
+
+    if not examples:
+        raise KdError(f"{name}: no training examples (all skipped or filtered out; see distill.max_length and "
+                      "distill.response_filter)")
+    t0 = time.time()
+    work_dir = Path(work_dir)
+    total = cfg["epochs"] * len(examples)
+    with atomic_path(curves_dir) as live_tmp:
+        with Live(str(live_tmp), save_dvc_exp=False, dvcyaml=None) as live, \
+                tqdm(total=total, desc=name, unit="step") as bar:
+            def on_step(step, rec):
+                for key in ("loss", "ce", "kd", "lr"):
+                    live.log_metric(f"train/{key}", rec[key])
+                live.next_step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}")
+
+            history = train(model, examples, teacher_for, cfg, alpha, temperature, seed,
+                            Checkpoint(work_dir / "checkpoint.safetensors", run_fingerprint),
+                            cfg["checkpoint_every"], on_step, width=width)
+        save_adapter(model, adapter_dir)
+    summary = {**summarise(history, len(examples), cfg["epochs"]),
+               "response_tokens": sum(e.response_len for e in examples),
+               "trainable_params": sum(q.numel() for q in model.parameters() if q.requires_grad), **(extra or {})}
+    write_json(metrics_path, summary)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    print(f"{name}: {summary['steps']} steps over {len(examples)} examples ({summary['response_tokens']} target "
+          f"tokens), final loss {summary['final_loss']:.4f} (ce {summary['final_ce']:.4f}, kd "
+          f"{summary['final_kd']:.5f}), {time.time() - t0:.1f} s")
+    return summary
