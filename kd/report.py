@@ -6,7 +6,6 @@ fixed text formatting, PNGs written by Agg without a Software/date stamp, no tim
 
 from __future__ import annotations
 
-import html
 import io
 import math
 from pathlib import Path
@@ -16,9 +15,18 @@ from kd.errors import ArtefactError
 from kd.io import atomic_path, read_json, read_jsonl, write_json, write_text
 
 EVAL_KEYS = ("accuracy_strict", "accuracy_flexible", "ci95_strict_low", "ci95_strict_high", "ci95_flexible_low",
-             "ci95_flexible_high", "correct_strict", "correct_flexible", "n", "mean_response_tokens")
-TEACHER_KEYS = ("accuracy_strict", "accuracy_flexible", "n", "mean_response_tokens")
-DISTILL_KEYS = ("final_loss", "final_ce", "final_kd", "steps", "examples")
+             "ci95_flexible_high", "correct_strict", "correct_flexible", "n", "mean_response_tokens", "truncated")
+TEACHER_KEYS = ("accuracy_strict", "accuracy_flexible", "n", "mean_response_tokens", "finished_fraction")
+DISTILL_KEYS = ("final_loss", "final_ce", "final_kd", "steps", "examples", "hard_target")
+KINDS = ("strict", "flexible")
+# The headline comparison: the final number, however it was written (closest to the paper's hand grading); the
+# strict `#### N` match is reported beside it but also measures the answer format.
+PRIMARY = "flexible"
+SELECTION = Path("reports/selection.json")  # `kd select`: prompt and training-target choices, measured on validation
+TEMPLATES = Path(__file__).parent / "templates"
+ARM_TEXT = {"teacher": "the teacher", "student": "base student (no training)",
+            "student_cot": "base student, stock zero-shot CoT prompt",
+            "finetune": "fine-tune control: CE on gold solutions, no teacher"}
 ATTN_STATS = ("entropy", "entropy_norm", "self_focus", "density", "top5_mass", "similarity")
 ATTN_LABELS = {"entropy": "entropy (nats)", "entropy_norm": "entropy / log(allowed keys)",
                "self_focus": "self-focus (diagonal weight)", "density": "density (allowed weights > 0.1)",
@@ -84,9 +92,11 @@ def _samples(path: Path, metrics: dict) -> dict[int, dict]:
 
 def collect(params: dict, root: str | Path = ".") -> dict:
     """Read every input of the report. Raises ArtefactError naming the first missing/inconsistent file."""
+    from kd.arms import arm_names
+
     root = Path(root)
-    models = list(params["eval"]["models"])
     strategies = list(params["prompting"]["strategies"])
+    models = arm_names(strategies)
     data: dict[str, Any] = {"models": models, "strategies": strategies, "eval": {}, "samples": {},
                             "teacher": {}, "distill": {}}
     for m in models:
@@ -96,18 +106,27 @@ def collect(params: dict, root: str | Path = ".") -> dict:
     for s in strategies:
         path = root / "metrics/teacher" / f"{s}.json"
         data["teacher"][s] = _need(path, read_json(path), TEACHER_KEYS)
-        path = root / "metrics/distill" / f"{s}.json"
-        data["distill"][s] = _need(path, read_json(path), DISTILL_KEYS)
+    for arm in TRAINED_ARMS(strategies):
+        name = "finetune" if arm == "finetune" else arm[len("kd-"):]
+        path = root / "metrics/distill" / f"{name}.json"
+        data["distill"][arm] = _need(path, read_json(path), DISTILL_KEYS)
     data["summary"] = read_json(root / "data/prepared/summary.json")
+    sel = root / SELECTION
+    data["selection"] = read_json(sel) if sel.exists() else None
     return data
+
+
+def TRAINED_ARMS(strategies) -> list[str]:  # noqa: N802 - reads as a constant list
+    return ["finetune", *(f"kd-{s}" for s in strategies)]
 
 
 # ------------------------------------------------------------------------------------------------ analysis
 
 
 def paired(base: dict[int, dict], other: dict[int, dict], kind: str, names: tuple[str, str]) -> dict:
-    """`other` (a distilled student) vs `base` (the undistilled one) on the same questions: c = questions
-    only `other` got right, b = only `base`; diff = (c - b) / n = the accuracy difference; p = exact McNemar."""
+    """`other` (a trained arm) vs `base` (the base student) on the same questions: c = questions only `other` got
+    right, b = only `base`; diff = (c - b) / n; p = exact McNemar; mde = the smallest difference n questions
+    detect with 80 % power at two-sided 0.05, at the observed rate of disagreement."""
     from kd.stats import paired_comparison
 
     if set(base) != set(other):
@@ -116,16 +135,45 @@ def paired(base: dict[int, dict], other: dict[int, dict], kind: str, names: tupl
                             f"questions (ids differ, e.g. {only}); re-run eval for both")
     key = f"correct_{kind}"
     r = paired_comparison({i: bool(other[i][key]) for i in other}, {i: bool(base[i][key]) for i in base})
-    return {"b": r["only_b"], "c": r["only_a"], "n": r["n"], "diff": r["difference"], "p": r["mcnemar_p"]}
+    return {"b": r["only_b"], "c": r["only_a"], "n": r["n"], "diff": r["difference"], "p": r["mcnemar_p"],
+            "mde": r["mde"]}
 
 
-def best_kd(data: dict) -> str | None:
-    """The kd-<strategy> with the highest strict accuracy (ties: flexible, then params order)."""
-    kd = [m for m in data["models"] if m.startswith("kd-")]
-    if not kd:
-        return None
-    ev = data["eval"]
-    return max(kd, key=lambda m: (ev[m]["accuracy_strict"], ev[m]["accuracy_flexible"], -kd.index(m)))
+def holm(pvalues: dict[str, float], alpha: float = 0.05) -> dict[str, bool]:
+    """Holm–Bonferroni: which of several tests against the same base reject at family-wise level alpha."""
+    order = sorted(pvalues, key=lambda k: (pvalues[k], k))
+    out, still = {}, True
+    for i, k in enumerate(order):
+        still = still and pvalues[k] <= alpha / (len(order) - i)
+        out[k] = still
+    return out
+
+
+def verdict(comparisons: dict[str, dict]) -> dict:
+    """The headline: a best arm only when its paired test against the base student is significant (Holm-corrected
+    over the trained arms, primary metric) and positive; otherwise no detectable difference."""
+    if not comparisons:
+        return {"best": None, "significant": [], "text": "No trained arm was evaluated."}
+    rej = holm({m: c[PRIMARY]["p"] for m, c in comparisons.items()})
+    better = [m for m in comparisons if rej[m] and comparisons[m][PRIMARY]["diff"] > 0]
+    worse = [m for m in comparisons if rej[m] and comparisons[m][PRIMARY]["diff"] < 0]
+    mde = max(c[PRIMARY]["mde"] for c in comparisons.values())
+    n = next(iter(comparisons.values()))[PRIMARY]["n"]
+    if better:
+        best = max(better, key=lambda m: (comparisons[m][PRIMARY]["diff"], -list(comparisons).index(m)))
+        text = (f"**{best}** beats the base student on {PRIMARY} accuracy by "
+                f"{100 * comparisons[best][PRIMARY]['diff']:+.1f} points (exact McNemar p = "
+                f"{pval(comparisons[best][PRIMARY]['p'])}, significant after Holm correction over "
+                f"{len(comparisons)} arms).")
+    else:
+        best = None
+        text = (f"No trained arm differs detectably from the base student on {PRIMARY} accuracy: with {n} paired "
+                f"questions, differences smaller than about {100 * mde:.0f} points could not have been detected "
+                "(80 % power, two-sided 0.05). This is a statement about this sample size, not evidence that "
+                "the arms are equal.")
+    if worse:
+        text += " Significantly worse than the base student: " + ", ".join(f"**{m}**" for m in worse) + "."
+    return {"best": best, "significant": better + worse, "text": text}
 
 
 def attention_means(rows: list[dict]) -> dict[str, dict[str, float | None]]:
@@ -142,53 +190,41 @@ def attention_means(rows: list[dict]) -> dict[str, dict[str, float | None]]:
 
 def analyse(params: dict, data: dict, attention: list[dict]) -> dict:
     """Everything the page, plots and metrics show, as plain data."""
-    ev = data["eval"]
-    comparisons = {}
-    if "student" in data["models"]:
-        for m in data["models"]:
-            if m.startswith("kd-"):
-                comparisons[m] = {k: paired(data["samples"]["student"], data["samples"][m], k, ("student", m))
-                                  for k in ("strict", "flexible")}
+    from kd.arms import BASE_ARM
+
+    comparisons = {m: {k: paired(data["samples"][BASE_ARM], data["samples"][m], k, (BASE_ARM, m)) for k in KINDS}
+                   for m in TRAINED_ARMS(data["strategies"])}
     attention = [{k: num(v) for k, v in r.items()} for r in attention]
-    order = {m: i for i, m in enumerate(data["models"])}  # params order; unknown names last, by name
+    order = {m: i for i, m in enumerate(data["models"])}
     attention.sort(key=lambda r: (order.get(r["model"], len(order)), r["model"], r["layer"]))
-    return {"params": params, "data": data, "comparisons": comparisons, "best_kd": best_kd(data),
-            "attention": attention, "attention_means": attention_means(attention),
-            "eval": ev}
+    sel = data["selection"]
+    if sel is not None and sel.get("profile") != params.get("profile"):
+        sel = None  # measured for another profile: not this run's evidence
+    return {"params": params, "data": data, "eval": data["eval"], "comparisons": comparisons,
+            "verdict": verdict(comparisons), "attention": attention,
+            "max_mde": max((c[k]["mde"] for c in comparisons.values() for k in KINDS), default=1.0),
+            "attention_means": attention_means(attention), "selection": sel}
 
 
 def metrics(an: dict) -> dict:
-    """Flat keys for `dvc metrics diff`."""
-    data = an["data"]
-    out: dict[str, Any] = {}
-    for m in data["models"]:
-        e = data["eval"][m]
-        for k in ("accuracy_strict", "accuracy_flexible", "mean_response_tokens"):
-            out[f"{m}.{k}"] = num(e[k])
-        out[f"{m}.n"] = e["n"]
+    """metrics/report.json: only what no other metrics file holds (each number lives in one file): the paired
+    comparisons with the base student and the verdict."""
+    out: dict[str, Any] = {"best_arm": an["verdict"]["best"] or "none"}
     for m, cmp in an["comparisons"].items():
-        for kind, r in cmp.items():
-            out[f"{m}.delta_{kind}"] = num(r["diff"])
-            out[f"{m}.mcnemar_p_{kind}"] = num(r["p"])
-    for s in data["strategies"]:
-        for k in ("accuracy_strict", "accuracy_flexible"):
-            out[f"teacher_transfer.{s}.{k}"] = num(data["teacher"][s][k])
-        for k in ("final_loss", "final_ce", "final_kd"):
-            out[f"distill.{s}.{k}"] = num(data["distill"][s][k])
-    if an["best_kd"]:
-        out["best_kd_strategy"] = an["best_kd"][len("kd-"):]
-        out["best_kd.accuracy_strict"] = num(data["eval"][an["best_kd"]]["accuracy_strict"])
-    for m, means in an["attention_means"].items():
-        for s in ATTN_STATS:
-            out[f"{m}.attention.{s}"] = num(means[s])
+        out[m] = {f"{k}_{kind}": num(cmp[kind][src]) for kind in KINDS
+                  for k, src in (("delta", "diff"), ("p", "p"), ("mde", "mde"))}
     return out
 
 
+def accuracy_rows(an: dict) -> list[dict]:
+    """reports/accuracy.json: accuracy per arm with its interval, for `dvc plots`."""
+    ev = an["eval"]
+    return [{"model": m, "metric": kind, "accuracy": num(ev[m][f"accuracy_{kind}"]),
+             "ci95_low": num(ev[m][f"ci95_{kind}_low"]), "ci95_high": num(ev[m][f"ci95_{kind}_high"]),
+             "n": ev[m]["n"]} for m in an["data"]["models"] for kind in KINDS]
+
+
 # ------------------------------------------------------------------------------------------------ page
-
-
-def _table(headers: list[str], rows: list[list[str]]) -> dict:
-    return {"headers": headers, "rows": rows}
 
 
 def _remote_code(p: dict) -> str:
@@ -198,172 +234,34 @@ def _remote_code(p: dict) -> str:
         f"ON for {' and '.join(on)}: Python code shipped with the model was executed"
 
 
-def sections(an: dict) -> list[dict]:
-    """The page as data: [{title, paras: [str], table: {headers, rows} | None, image: str | None}]."""
-    p, data, ev = an["params"], an["data"], an["data"]["eval"]
-    out = []
-
-    summ = data["summary"]
-    sizes = " · ".join(f"{k} {summ[k]}" for k in ("transfer", "validation", "eval") if k in summ)
-    paras = [f"Source: `{summ.get('source', '?')}`" + (f" (seed {summ['seed']})" if "seed" in summ else "")]
-    if sizes:
-        paras.append(f"Splits: {sizes}.")
-    if summ.get("note"):
-        paras.append(str(summ["note"]))
-    out.append({"title": "Data", "paras": paras})
-
-    d = p["distill"]
-    setup = [["teacher", f"`{p['teacher']['model']}` ({p['teacher']['dtype']})"],
-             ["student", f"`{p['student']['model']}` ({p['student']['dtype']}), LoRA r={d['lora']['r']} "
-                         f"alpha={d['lora']['alpha']} on {', '.join(d['lora']['target_modules'])}"],
-             ["alpha (hard-loss weight)", str(p["alpha"])],
-             ["temperature", str(p["temperature"])],
-             ["KD loss", d["loss"]],
-             ["hard target", d["hard_target"]],
-             ["epochs · lr", f"{d['epochs']} · {d['lr']}"],
-             ["teacher signal", p["logits"]["format"]],
-             ["strategies", ", ".join(data["strategies"])],
-             ["evaluated models", ", ".join(data["models"])],
-             ["max new tokens (teacher · eval)", f"{p['teacher']['max_new_tokens']} · {p['eval']['max_new_tokens']}"],
-             ["seed", str(p["seed"])],
-             ["remote model code (trust_remote_code)", _remote_code(p)]]
-    out.append({"title": "Setup", "paras": [], "table": _table(["param", "value"], setup)})
-
-    rows = []
-    for m in data["models"]:
-        e = ev[m]
-        rows.append([m, pct(e["accuracy_strict"]), f"{pct(e['ci95_strict_low'])} – {pct(e['ci95_strict_high'])}",
-                     pct(e["accuracy_flexible"]),
-                     f"{pct(e['ci95_flexible_low'])} – {pct(e['ci95_flexible_high'])}",
-                     str(e["n"]), fnum(e["mean_response_tokens"], 1)])
-    paras = ["Strict: the `#### <number>` line matches the gold answer; flexible: the last number in the "
-             "response does. Intervals are 95 % Wilson score intervals."]
-    if an["best_kd"]:
-        paras.append(f"Best distilled student (strict): **{an['best_kd']}**.")
-    out.append({"title": "GSM8K accuracy (eval split)", "paras": paras,
-                "table": _table(["model", "strict", "95 % CI", "flexible", "95 % CI", "n", "mean response tokens"],
-                                rows),
-                "image": "plots/accuracy.png"})
-
-    if an["comparisons"]:
-        rows = []
-        for m, cmp in an["comparisons"].items():
-            row = [m]
-            for kind in ("strict", "flexible"):
-                r = cmp[kind]
-                row += [f"{100 * r['diff']:+.1f}", f"{r['c']} / {r['b']}", pval(r["p"])]
-            rows.append(row)
-        out.append({"title": "Distilled vs undistilled student (paired)",
-                    "paras": ["Same questions, same scoring. Δ = accuracy difference in percentage points; "
-                              "gained / lost = questions only the distilled / only the undistilled student got "
-                              "right; p = exact two-sided McNemar test on those discordant pairs."],
-                    "table": _table(["model", "Δ strict (pp)", "gained / lost", "p", "Δ flexible (pp)",
-                                     "gained / lost", "p"], rows)})
-
-    rows = []
-    for s in data["strategies"]:
-        t = data["teacher"][s]
-        rows.append([s, pct(t["accuracy_strict"]), pct(t["accuracy_flexible"]), str(t["n"]),
-                     fnum(t["mean_response_tokens"], 1),
-                     pct(t["finished_fraction"]) if "finished_fraction" in t else "—"])
-    out.append({"title": "Teacher on the transfer set, per strategy",
-                "paras": ["The teacher's responses are what each student is distilled on; their accuracy was "
-                          "never measured in the original."],
-                "table": _table(["strategy", "strict", "flexible", "n", "mean response tokens", "finished"], rows)})
-
-    rows = []
-    for s in data["strategies"]:
-        r = data["distill"][s]
-        rows.append([s, fnum(r["final_loss"], 4), fnum(r["final_ce"], 4), fnum(r["final_kd"], 4), str(r["steps"]),
-                     str(r["examples"])])
-    out.append({"title": "Distillation",
-                "paras": [f"total = {p['alpha']} · CE + (1 − {p['alpha']}) · T² · {d['loss']} "
-                          f"(T = {p['temperature']}); final = mean over the last epoch."],
-                "table": _table(["strategy", "final loss", "final CE", "final KD", "steps", "examples"], rows)})
-
-    if an["attention"]:
-        means = an["attention_means"]
-        rows = [[m, str(means[m]["layers"])] + [fnum(means[m][s]) for s in ATTN_STATS] for m in means]
-        nprompts = p["report"]["attention_prompts"]
-        out.append({"title": "Attention",
-                    "paras": [
-                        f"Eager attention over the first {nprompts} eval prompt(s) (rendered as in eval), per "
-                        "layer, averaged over heads and prompts; the table shows the mean over layers, "
-                        "`reports/attention.json` and the plot have every layer.",
-                        "Unlike the original, every statistic counts only the causally visible keys (its "
-                        "\"sparsity\" counted the masked upper triangle), skips the first query row (one "
-                        "visible key, weight 1 by construction), and entropy is also normalised by "
-                        "log(visible keys) so short and long rows compare. Density = fraction of visible "
-                        "weights above 0.1; top-5 mass = weight on a row's 5 largest keys (rows with more than "
-                        "5 keys); similarity = cosine of the same head's map in layers l−1 and l. Density and "
-                        "top-5 mass still depend on row length (at most 9 weights of a row can exceed 0.1), so compare them "
-                        "only between models on the same prompts, as here; entropy / log(visible keys) is the "
-                        "length-free one."],
-                    "table": _table(["model", "layers"] + [ATTN_LABELS[s] for s in ATTN_STATS], rows),
-                    "image": "plots/attention.png"})
-    return out
-
-
-def _md_cell(s: str) -> str:
-    return s.replace("|", "\\|").replace("\n", " ")
-
-
 def render_markdown(an: dict) -> str:
-    lines = ["# kd-prime report", ""]
-    prof = an["params"].get("profile")
-    if prof:
-        lines += [f"Profile: `{prof}`.", ""]
-    for sec in sections(an):
-        lines += [f"## {sec['title']}", ""]
-        for para in sec["paras"]:
-            lines += [para, ""]
-        t = sec.get("table")
-        if t:
-            lines.append("| " + " | ".join(_md_cell(h) for h in t["headers"]) + " |")
-            lines.append("|" + "|".join("---" for _ in t["headers"]) + "|")
-            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in t["rows"]]
-            lines.append("")
-        if sec.get("image"):
-            lines += [f"![{sec['title']}]({sec['image']})", ""]
-    return "\n".join(lines).rstrip("\n") + "\n"
+    import jinja2
+
+    from kd.arms import BASE_ARM
+    from kd.prompting import COT_PROMPT
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
+                             keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True, autoescape=False)
+    env.filters.update(pct=pct, fnum=fnum, pval=pval, cell=lambda s: str(s).replace("|", "\\|").replace("\n", " "),
+                       pp=lambda x: f"{100 * x:+.1f}")
+    text = env.get_template("report.md.j2").render(
+        an=an, p=an["params"], data=an["data"], ev=an["eval"], kinds=KINDS, primary=PRIMARY, base=BASE_ARM,
+        trained=list(an["comparisons"]), arm_text=ARM_TEXT, cot=COT_PROMPT, remote_code=_remote_code(an["params"]),
+        attn_stats=ATTN_STATS, attn_labels=ATTN_LABELS)
+    return text.rstrip("\n") + "\n"
 
 
-def _inline(s: str) -> str:
-    """Markdown-ish inline (`code`, **bold**) -> escaped HTML."""
-    out, parts = [], s.split("`")
-    for i, part in enumerate(parts):
-        if i % 2:
-            out.append(f"<code>{html.escape(part)}</code>")
-        else:
-            bold = part.split("**")
-            out.append("".join(f"<b>{html.escape(b)}</b>" if j % 2 else html.escape(b) for j, b in enumerate(bold)))
-    return "".join(out)
+def render_html(markdown: str) -> str:
+    """The same page as HTML: markdown-it (CommonMark + tables), in a small static shell."""
+    from markdown_it import MarkdownIt
 
-
-def render_html(an: dict) -> str:
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(markdown)
     css = ("body{font-family:sans-serif;max-width:72em;margin:2em auto;padding:0 1em;color:#222}"
            "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;"
            "text-align:right}td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}"
            "img{max-width:100%}code{background:#f3f3f3;padding:0 .2em}")
-    out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-           "<title>kd-prime report</title>", f"<style>{css}</style>", "</head>", "<body>",
-           "<h1>kd-prime report</h1>"]
-    prof = an["params"].get("profile")
-    if prof:
-        out.append(f"<p>Profile: <code>{html.escape(prof)}</code>.</p>")
-    for sec in sections(an):
-        out.append(f"<h2>{html.escape(sec['title'])}</h2>")
-        out += [f"<p>{_inline(para)}</p>" for para in sec["paras"]]
-        t = sec.get("table")
-        if t:
-            out.append("<table>")
-            out.append("<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in t["headers"]) + "</tr>")
-            out += ["<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>" for row in t["rows"]]
-            out.append("</table>")
-        if sec.get("image"):
-            out.append(f'<p><img src="{html.escape(sec["image"])}" alt="{html.escape(sec["title"])}"></p>')
-    out += ["</body>", "</html>"]
-    return "\n".join(out) + "\n"
+    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>kd-prime report</title>\n"
+            f"<style>{css}</style>\n</head>\n<body>\n{body}</body>\n</html>\n")
 
 
 # ------------------------------------------------------------------------------------------------ plots
@@ -449,8 +347,10 @@ def write_report(params: dict, attention: list[dict], root: str | Path = ".") ->
         if an["attention"]:
             (tmp / "attention.png").write_bytes(plot_attention(an))
     write_json(root / "reports/attention.json", an["attention"])
-    write_text(root / "reports/index.md", render_markdown(an))
-    write_text(root / "reports/index.html", render_html(an))
+    write_json(root / "reports/accuracy.json", accuracy_rows(an))
+    markdown = render_markdown(an)
+    write_text(root / "reports/index.md", markdown)
+    write_text(root / "reports/index.html", render_html(markdown))
     m = metrics(an)
     write_json(root / "metrics/report.json", m)
     return m

@@ -26,9 +26,8 @@ def main(no_attention):
     seed_everything(p["seed"])
     rows = [] if no_attention else attention_rows(p)
     m = write_report(p, rows)
-    best = m.get("best_kd_strategy")
-    print(f"report: reports/index.md, {len(rows)} attention rows"
-          + (f", best KD strategy {best}" if best else "") + f" ({time.time() - t0:.1f} s)")
+    print(f"report: reports/index.md, {len(rows)} attention rows, best arm: {m['best_arm']} "
+          f"({time.time() - t0:.1f} s)")
 
 
 if __name__ == "__main__":
