@@ -21,9 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 GSM8K = REPO / "tests" / "data" / "gsm8k" / "test.jsonl"
 MAX_NEW = 8
 FLAT_KEYS = {"accuracy_strict", "accuracy_flexible", "ci95_strict_low", "ci95_strict_high", "ci95_flexible_low",
-             "ci95_flexible_high", "correct_strict", "correct_flexible", "n", "mean_response_tokens"}
+             "ci95_flexible_high", "correct_strict", "correct_flexible", "n", "mean_response_tokens", "truncated"}
 ROW_KEYS = {"id", "prompt", "response", "gold", "pred_strict", "pred_flexible", "correct_strict",
-            "correct_flexible", "response_tokens"}
+            "correct_flexible", "response_tokens", "truncated"}
 
 
 def _params(**eval_overrides):
@@ -86,7 +86,7 @@ def _reference(model_dir, prompts, max_new, dtype=torch.bfloat16, adapter=None):
     if adapter is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()  # as eval does
+        model = PeftModel.from_pretrained(model, str(adapter))  # unmerged, as trained and as eval loads it
     model.eval()
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     out = []
@@ -133,6 +133,9 @@ def test_student_end_to_end_matches_plain_transformers(root):
     assert metrics["accuracy_flexible"] == sum(r["correct_flexible"] for r in rows) / 4
     assert metrics["ci95_strict_low"] == 0.0 and 0 < metrics["ci95_strict_high"] < 1
     assert metrics["mean_response_tokens"] == sum(r["response_tokens"] for r in rows) / 4
+    # a row is truncated when it ran to max_new_tokens without its stop token
+    assert metrics["truncated"] == sum(r["truncated"] for r in rows)
+    assert all(r["truncated"] == (r["response_tokens"] == MAX_NEW) for r in rows)
     assert s["tokens"] == sum(r["response_tokens"] for r in rows)
 
     # the chat-templated prompt, greedy decoding and max_gen_toks are what we asked for
@@ -322,13 +325,13 @@ def test_resolve_model():
     assert (t.pretrained, t.peft, t.dtype, t.trust_remote_code) == (Path("m/teacher"), None, "bfloat16", False)
     k = ev.resolve_model("kd-teacher", p, "m")
     assert (k.pretrained, k.peft) == (Path("m/student"), Path("m/kd-teacher"))
-    with pytest.raises(ParamError, match=r"eval\.models.*allowed: teacher, student, kd-none"):
+    c = ev.resolve_model("student_cot", p, "m")
+    assert (c.pretrained, c.peft, c.prompt) == (Path("m/student"), None, "cot")
+    f = ev.resolve_model("finetune", p, "m")
+    assert (f.pretrained, f.peft, f.prompt) == (Path("m/student"), Path("m/finetune"), "task")
+    with pytest.raises(ParamError, match=r"arm.*allowed: teacher, student, student_cot, finetune, kd-none, kd-teacher"):
         ev.resolve_model("kd-bogus", p)
-    p["eval"]["models"].append("kd-bogus")
-    with pytest.raises(ParamError, match=r"eval\.models.*prompting\.strategies"):
-        ev.resolve_model("kd-bogus", p)
-    p["eval"]["models"].append("gpt")
-    with pytest.raises(ParamError, match="eval.models"):
+    with pytest.raises(ParamError, match="not an arm"):
         ev.resolve_model("gpt", p)
 
 
@@ -364,7 +367,7 @@ def test_stage_rejects_bad_model_before_loading(monkeypatch):
     called = []
     monkeypatch.setattr(ev, "evaluate_model", lambda *a, **k: called.append(a))
     res = CliRunner().invoke(_stage().main, ["nope"])
-    assert isinstance(res.exception, ParamError) and "eval.models" in str(res.exception)
+    assert isinstance(res.exception, ParamError) and "not an arm" in str(res.exception)
     assert "kd-teacher" in str(res.exception) and not called
 
 
@@ -382,3 +385,53 @@ def test_stage_prints_summary(monkeypatch, tmp_path):
     assert res.exit_code == 0, res.output
     assert re.search(r"^eval@teacher: 7 items, \d+ tokens, [\d.]+ s; accuracy strict 0\.429", res.stdout, re.M)
     assert (tmp_path / "metrics" / "eval" / "teacher.json").exists()
+
+
+# ------------------------------------------------------------------------------- evaluated = trained (7.1)
+
+
+def test_evaluated_student_is_the_trained_one(tmp_path):
+    """An adapter as small as the default's (median ||dW||/||W|| ~ 2.5e-4) reaches eval bit for bit: the evaluated
+    model's logits equal the trained PEFT model's. The old path, a merge into bf16 weights, loses most of it."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from kd.loading import load_model
+    from kd.trainer import save_adapter
+
+    models = tmp_path / "models"
+    save_tiny("tiny-student", models / "student")  # bf16, like the default student
+    torch.manual_seed(0)
+    model = get_peft_model(load_model(models / "student", "bfloat16"),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                                      init_lora_weights=False, task_type="CAUSAL_LM"))
+    ratios = []
+    with torch.no_grad():
+        for mod in model.modules():
+            if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
+                a, b = mod.lora_A["default"].weight, mod.lora_B["default"].weight
+                w = mod.base_layer.weight.float()
+                delta = (b @ a) * mod.scaling["default"]
+                b.mul_(2.5e-4 * w.norm() / delta.norm())  # ||dW|| / ||W|| = 2.5e-4, as in the default run
+                ratios.append(((b @ a) * mod.scaling["default"]).norm() / w.norm())
+    assert ratios and all(abs(r - 2.5e-4) < 1e-6 for r in ratios)
+    model.eval()
+    x = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11, 64]])
+    with torch.no_grad():
+        trained = model(input_ids=x).logits
+    save_adapter(model, models / "kd-none")
+
+    p = _params()
+    lm = ev._make_lm(ev.resolve_model("kd-none", p, models), batch_size=1, device="cpu")
+    with torch.no_grad():
+        evaluated = lm.model(input_ids=x).logits
+    assert torch.equal(evaluated, trained)
+
+    # what eval did before: merge into bf16. Most of the update rounds away (the test can fail on that path).
+    merged = PeftModel.from_pretrained(load_model(models / "student", "bfloat16"),
+                                       str(models / "kd-none")).merge_and_unload()
+    base = load_model(models / "student", "bfloat16")
+    q_merged = merged.model.layers[0].self_attn.q_proj.weight.float()
+    q_base = base.model.layers[0].self_attn.q_proj.weight.float()
+    assert (q_merged == q_base).float().mean() > 0.5  # most merged weights did not move at all
+    with torch.no_grad():
+        assert not torch.equal(merged(input_ids=x).logits, trained)
