@@ -435,3 +435,46 @@ def test_evaluated_student_is_the_trained_one(tmp_path):
     assert (q_merged == q_base).float().mean() > 0.5  # most merged weights did not move at all
     with torch.no_grad():
         assert not torch.equal(merged(input_ids=x).logits, trained)
+
+
+# ---------------------------------------------------------------- comparable to the lm-eval CLI (7.9)
+
+
+def test_our_eval_equals_the_lm_eval_command_line(tmp_path):
+    """Our eval of a tiny model equals `lm-eval run` of the same task file on the same rows: same responses,
+    same per-question scores, same accuracies. (What the numbers are comparable to is this task file, zero-shot
+    and chat-templated, not lm-eval's stock 5-shot gsm8k.)"""
+    import subprocess
+    import sys
+
+    root = tmp_path / "proj"
+    save_tiny("tiny-student", root / "models" / "student", dtype=torch.float32)
+    rows = _eval_rows()
+    _write_eval(root, rows)
+    p = _params(batch_size=1)
+    p["student"]["dtype"] = "float32"
+    ev.evaluate_model("student", p, root=root, device="cpu")
+    ours = {r["id"]: r for r in _read(root / "reports" / "eval" / "student" / "samples.jsonl")}
+
+    task_dir = ev.write_task_dir(ev.build_docs(rows, p["prompting"]["instruction"]), tmp_path / "task", MAX_NEW)
+    out = tmp_path / "cli"
+    lm_eval_cli = Path(sys.executable).parent / "lm-eval"
+    res = subprocess.run([str(lm_eval_cli), "run", "--model", "hf", "--model_args",
+                          f"pretrained={root / 'models' / 'student'}", "dtype=float32", "--tasks", ev.TASK_NAME,
+                          "--include_path", str(task_dir), "--apply_chat_template", "--batch_size", "1",
+                          "--log_samples", "--output_path", str(out), "--seed", "0", "--device", "cpu"],
+                         capture_output=True, text=True, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    samples = [json.loads(line) for f in sorted(out.rglob(f"samples_{ev.TASK_NAME}_*.jsonl"))
+               for line in f.read_text().splitlines()]
+    assert samples, list(out.rglob("*"))
+    theirs = ev.rows_from_samples(samples)
+    assert [r["id"] for r in theirs] == sorted(ours)
+    for r in theirs:
+        o = ours[r["id"]]
+        assert (r["response"], r["correct_strict"], r["correct_flexible"]) == \
+            (o["response"], o["correct_strict"], o["correct_flexible"]), r["id"]
+    results = json.loads(next(out.rglob("results_*.json")).read_text())["results"][ev.TASK_NAME]
+    metrics = json.loads((root / "metrics" / "eval" / "student.json").read_text())
+    assert results["exact_match,strict-match"] == metrics["accuracy_strict"]
+    assert results["exact_match,flexible-extract"] == metrics["accuracy_flexible"]
