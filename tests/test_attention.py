@@ -176,6 +176,11 @@ def tiny_root(tmp_path_factory):
             if "lora_B" in name:
                 prm.copy_(0.5 * torch.randn(prm.shape, generator=gen))
     peft_model.save_pretrained(str(root / "models/kd-none"))
+    with torch.no_grad():  # the fine-tune control: another adapter
+        for name, prm in sorted(peft_model.named_parameters()):
+            if "lora_B" in name:
+                prm.mul_(-1.0)
+    peft_model.save_pretrained(str(root / "models/finetune"))
     (root / "data/prepared").mkdir(parents=True)
     rows = [{"id": i, "question": f"Tom has {i + 3} apples and eats {i}. How many are left?", "answer": "x",
              "gold": "3"} for i in range(3)]
@@ -183,26 +188,27 @@ def tiny_root(tmp_path_factory):
     return root
 
 
-PARAMS = {"report": {"attention_prompts": 2}, "eval": {"models": ["teacher", "student", "kd-none"]},
-          "student": {"dtype": "float32", "trust_remote_code": False},
-          "prompting": {"instruction": "End with '#### <number>'."}}
+PARAMS = {"report": {"attention_prompts": 2}, "prompting": {"strategies": ["none"],
+                                                             "instruction": "End with '#### <number>'."},
+          "student": {"dtype": "float32", "trust_remote_code": False}}
 
 
 def test_attention_rows_end_to_end(tiny_root):
     rows = A.attention_rows(PARAMS, tiny_root)
-    assert [(r["model"], r["layer"]) for r in rows] == [("student", 0), ("student", 1), ("kd-none", 0),
-                                                        ("kd-none", 1)]  # no teacher; tiny student has 2 layers
+    # the student arms (no teacher, no student_cot: same weights as student); tiny student has 2 layers
+    assert [(r["model"], r["layer"]) for r in rows] == [("student", 0), ("student", 1), ("finetune", 0),
+                                                        ("finetune", 1), ("kd-none", 0), ("kd-none", 1)]
     for r in rows:
         assert 0 < r["entropy_norm"] <= 1 and 0 <= r["self_focus"] <= 1 and 0 < r["density"] <= 1
         assert 0 < r["top5_mass"] <= 1 and r["entropy"] > 0
         assert (r["similarity"] is None) == (r["layer"] == 0)
     # the adapter changed the maps (it targets q/k projections)
-    assert rows[0]["entropy"] != pytest.approx(rows[2]["entropy"], rel=1e-6)
+    assert rows[0]["entropy"] != pytest.approx(rows[4]["entropy"], rel=1e-6)
     # deterministic
     assert A.attention_rows(PARAMS, tiny_root) == rows
 
 
-def test_prompts_and_merged_adapter_match_eval_path(tiny_root):
+def test_prompts_and_adapter_match_eval_path(tiny_root):
     import torch
     from peft import PeftModel
 
@@ -217,22 +223,23 @@ def test_prompts_and_merged_adapter_match_eval_path(tiny_root):
     assert text.startswith("<|im_start|>user\nHow many?\nSay '#### n'.<|im_end|>")
     assert text.endswith("<|im_start|>assistant\n")
 
-    merged = A.load_for_attention("kd-none", tiny_root / "models", dtype="float32")
-    assert merged.config._attn_implementation == "eager"
-    unmerged = PeftModel.from_pretrained(load_model(tiny_root / "models/student", "float32"),
+    model = A.load_for_attention("kd-none", tiny_root / "models", dtype="float32", strategies=["none"])
+    assert model.config._attn_implementation == "eager"
+    unmerged = PeftModel.from_pretrained(load_model(tiny_root / "models/student", "float32",
+                                                    attn_implementation="eager"),
                                          str(tiny_root / "models/kd-none"))
     x = torch.tensor([ids])
-    with torch.no_grad():
-        torch.testing.assert_close(merged(x).logits, unmerged(x).logits, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # the student arm exactly as trained and evaluated: adapter unmerged, same bits
+        assert torch.equal(model(x).logits, unmerged(x).logits)
 
 
 def test_missing_adapter_and_wrong_model(tiny_root):
     from kd.errors import ArtefactError
 
     with pytest.raises(ArtefactError, match="kd-teacher"):
-        A.load_for_attention("kd-teacher", tiny_root / "models", dtype="float32")
-    with pytest.raises(KdError, match="student models"):
-        A.load_for_attention("teacher", tiny_root / "models", dtype="float32")
+        A.load_for_attention("kd-teacher", tiny_root / "models", dtype="float32", strategies=["none", "teacher"])
+    with pytest.raises(KdError, match="student arms"):
+        A.load_for_attention("teacher", tiny_root / "models", dtype="float32", strategies=["none"])
 
 
 def test_sdpa_model_rejected(tiny_root):

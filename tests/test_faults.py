@@ -32,7 +32,6 @@ S = "none"
 def _params() -> dict:
     p = yaml.safe_load((ROOT / "profiles/tiny.yaml").read_text())
     p["prompting"]["strategies"] = [S]
-    p["eval"]["models"] = ["teacher", "student", f"kd-{S}"]
     p["prepare"].update(transfer_size=12, validation_size=4)
     p["teacher"].update(batch_size=2, max_new_tokens=16)  # 6 batches: time to kill between them
     p["distill"].update(epochs=2, checkpoint_every=2)    # 24 steps, a checkpoint every 2

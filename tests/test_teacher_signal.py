@@ -98,3 +98,32 @@ def test_stale_signal_and_other_teacher_are_refused(teacher, tmp_path, tiny_mode
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(ArtefactError, match="manifest.json"):
         TeacherSignal(tmp_path, _responses(), path)
+
+
+# ------------------------------------------------------------------ `hidden` assumes logits = h W^T (7.8)
+
+
+def test_hidden_format_fails_when_the_head_scales_logits(teacher):
+    """A head that scales (or soft-caps) its logits breaks logits = h W^T: capture must fail, not record."""
+    model, _ = teacher
+    r = _responses()[1]
+    _, diff = capture(model, r["prompt_ids"], r["response_ids"], "hidden", 8, check_logits=True)
+    assert diff == 0.0  # the plain tiny head: bit for bit
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, i, out: out * 1.25)
+    try:
+        with pytest.raises(ArtefactError, match="logits.format: full"):
+            capture(model, r["prompt_ids"], r["response_ids"], "hidden", 8, check_logits=True)
+        # format `full` stores the model's own logits: nothing to check against, nothing refused
+        capture(model, r["prompt_ids"], r["response_ids"], "full", 8, check_logits=True)
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("key,value", [("final_logit_softcapping", 30.0), ("logit_scale", 0.0625),
+                                       ("logits_scaling", 8.0)])
+def test_soft_capped_or_scaled_heads_are_refused_up_front(tmp_path, key, value):
+    from kd.teacher_signal import check_plain_head
+
+    check_plain_head({"final_logit_softcapping": None, "logit_scale": 1.0}, tmp_path)  # plain: fine
+    with pytest.raises(ArtefactError, match=f"{key}"):
+        check_plain_head({key: value}, tmp_path)
