@@ -37,7 +37,6 @@ def project(tmp_path_factory):
         shutil.copy2(ROOT / f, root / f)
     params = yaml.safe_load((ROOT / "profiles/tiny.yaml").read_text())
     params["prompting"]["strategies"] = STRATEGIES
-    params["eval"]["models"] = ["teacher", "student"] + [f"kd-{s}" for s in STRATEGIES]
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
@@ -62,9 +61,12 @@ def test_repro_produces_every_output(project):
         assert json.loads((root / f"data/logits/{s}/manifest.json").read_text())["recompute_max_abs_diff"] == 0.0
         assert (root / f"models/kd-{s}/adapter_model.safetensors").exists()
         assert json.loads((root / f"metrics/distill/{s}.json").read_text())["steps"] > 0
-    for m in ["teacher", "student"] + [f"kd-{s}" for s in STRATEGIES]:
+    assert (root / "models/finetune/adapter_model.safetensors").exists()  # the fine-tune control
+    for m in ["teacher", "student", "student_cot", "finetune"] + [f"kd-{s}" for s in STRATEGIES]:
         metrics = json.loads((root / f"metrics/eval/{m}.json").read_text())
-        assert 0.0 <= metrics["accuracy_strict"] <= 1.0 and metrics["n"] == 8
+        assert 0.0 <= metrics["accuracy_strict"] <= 1.0 and metrics["n"] == 8 and "truncated" in metrics
+    report = json.loads((root / "metrics/report.json").read_text())
+    assert set(report) == {"best_arm", "finetune", *(f"kd-{s}" for s in STRATEGIES)}
     assert (root / "reports/index.html").exists() and (root / "reports/index.md").exists()
     assert "accuracy" in (root / "reports/index.md").read_text().lower()
     status = _run(["dvc", "status"], root, env)
@@ -75,7 +77,7 @@ def test_alpha_change_reruns_only_what_alpha_touches(project):
     root, env, _ = project
     out = _run(["dvc", "exp", "run", "-S", "alpha=0.3"], root, env)
     ran = set(re.findall(r"Running stage '([^']+)'", out))
-    expected = {f"distill@{s}" for s in STRATEGIES} | {f"eval@kd-{s}" for s in STRATEGIES} | {"report"}
+    expected = {f"distill@{s}" for s in STRATEGIES} | {f"eval_kd@{s}" for s in STRATEGIES} | {"report"}
     assert ran == expected, out
     diff = _run(["dvc", "metrics", "diff"], root, env)
     assert "metrics/distill/none.json" in diff and "final_loss" in diff, diff
