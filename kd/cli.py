@@ -102,6 +102,46 @@ def repro(dvc_args):
     sys.exit(run_repro(Path.cwd(), list(dvc_args), echo=click.echo))
 
 
+@cli.group()
+def select():
+    """Measure the profile's prompt and training-target choices on the validation split (never eval) and record the
+    evidence in selection/<profile>.json, which the report shows. Needs `dvc repro` up to the stages named below."""
+
+
+@select.command("instruction")
+@click.option("--strategy", "strategies", multiple=True,
+              help="Strategies to measure under (repeatable; default: every strategy of the profile).")
+def select_instruction(strategies):
+    """Teacher accuracy on the validation questions under each candidate answer-format instruction (kd/select.py).
+    Needs models/teacher and data/prepared (`dvc repro model@teacher prepare`)."""
+    from kd.params import load_params
+    from kd.select import select_instruction as run
+
+    p = load_params()
+    bad = [s for s in strategies if s not in p["prompting"]["strategies"]]
+    if bad:
+        raise KdError(f"--strategy {bad[0]!r} is not in prompting.strategies "
+                      f"(allowed: {', '.join(p['prompting']['strategies'])})")
+    sel = run(p, Path.cwd(), list(strategies) or None, echo=click.echo)
+    click.echo(f"{sel['decision']}\nset prompting.instruction to: {sel['best']!r}")
+
+
+@select.command("targets")
+@click.argument("strategy")
+def select_targets(strategy):
+    """Distil one student per (hard target, response filter) pair on STRATEGY's transfer responses and compare their
+    validation gold NLL. Needs `dvc repro logits@STRATEGY model@student`."""
+    from kd.params import load_params
+    from kd.select import select_targets as run
+
+    p = load_params()
+    if strategy not in p["prompting"]["strategies"]:
+        raise KdError(f"strategy {strategy!r} is not in prompting.strategies "
+                      f"(allowed: {', '.join(p['prompting']['strategies'])})")
+    sel = run(p, Path.cwd(), strategy, echo=click.echo)
+    click.echo(sel["decision"])
+
+
 def main():
     try:
         cli(standalone_mode=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,6 @@ KINDS = ("strict", "flexible")
 # The headline comparison: the final number, however it was written (closest to the paper's hand grading); the
 # strict `#### N` match is reported beside it but also measures the answer format.
 PRIMARY = "flexible"
-SELECTION = Path("reports/selection.json")  # `kd select`: prompt and training-target choices, measured on validation
 TEMPLATES = Path(__file__).parent / "templates"
 ARM_TEXT = {"teacher": "the teacher", "student": "base student (no training)",
             "student_cot": "base student, stock zero-shot CoT prompt",
@@ -111,8 +111,11 @@ def collect(params: dict, root: str | Path = ".") -> dict:
         path = root / "metrics/distill" / f"{name}.json"
         data["distill"][arm] = _need(path, read_json(path), DISTILL_KEYS)
     data["summary"] = read_json(root / "data/prepared/summary.json")
-    sel = root / SELECTION
-    data["selection"] = read_json(sel) if sel.exists() else None
+    from kd.paths import SELECTION_DIR
+
+    prof = params.get("profile")
+    sel = root / SELECTION_DIR / f"{prof}.json" if prof and re.fullmatch(r"[a-z][a-z0-9_]{0,63}", prof) else None
+    data["selection"] = read_json(sel) if sel is not None and sel.exists() else None
     return data
 
 

@@ -1,0 +1,75 @@
+"""`kd select` on the tiny profile: both measurements run on the validation split, record their evidence for the
+profile, and never read the eval split (it is deleted for the test)."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from kd.cli import cli
+from kd.verify import make_copy
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def in_process(root: Path, name: str, *args: str) -> None:
+    """Run stages/<name>.py's command in this process, in `root` (the same code DVC runs)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"stage_{name}_select", ROOT / "stages" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        mod.main.main(args=list(args), standalone_mode=False)
+    finally:
+        os.chdir(cwd)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    p = yaml.safe_load((ROOT / "profiles/tiny.yaml").read_text())
+    p["prompting"]["strategies"] = ["none"]
+    root = make_copy(ROOT, tmp_path_factory.mktemp("select") / "project", params=p)
+    for args in (("prepare",), ("model", "teacher"), ("model", "student"), ("teacher", "none"), ("logits", "none")):
+        in_process(root, *args)
+    (root / "data/prepared/eval.jsonl").unlink()  # the eval split must not be needed (nor read) to select
+    return root
+
+
+def _run(root, *args):
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    finally:
+        os.chdir(cwd)
+
+
+def test_select_instruction_and_targets(project):
+    res = _run(project, "select", "instruction")
+    assert res.exit_code == 0, res.output
+    assert "set prompting.instruction to" in res.output
+    res = _run(project, "select", "targets", "none")
+    assert res.exit_code == 0, res.output
+    sel = json.loads((project / "selection/tiny.json").read_text())
+    assert sel["profile"] == "tiny" and sel["n"] == 4  # the tiny profile's validation size
+    assert [b["title"].split(":")[0] for b in sel["blocks"]] == ["Answer-format instruction", "Training targets"]
+    targets = sel["blocks"][1]["rows"]
+    assert [(r[0], r[1]) for r in targets] == [("gold", "all"), ("teacher", "all"), ("gold", "finished"),
+                                              ("gold", "correct")]
+    assert all(float(r[3]) > 0 for r in targets)  # a real NLL per pair
+    assert "Instruction:" in sel["decision"] and "Targets:" in sel["decision"]
+    assert not (project / "data/prepared/eval.jsonl").exists()
+
+
+def test_select_rejects_unknown_strategy(project):
+    from kd.errors import KdError
+
+    with pytest.raises(KdError, match=r"'\.\./\.\./etc' is not in prompting.strategies \(allowed: none\)"):
+        _run(project, "select", "targets", "../../etc")
