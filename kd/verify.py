@@ -341,6 +341,7 @@ INVALIDATION: list[Change] = [
     Change("distill.lr", 0.01, (*TRAIN_ALL, "report")),
     Change("distill.lora.r", 2, (*TRAIN_ALL, "report")),
     Change("distill.checkpoint_every", 2, TRAIN_ALL, why="part of the resume fingerprint"),
+    Change("distill.momentum", 0.5, (*TRAIN_ALL, "report")),
     Change("eval.limit", 4, EVAL_ALL),
     Change("eval.max_new_tokens", 12, (*EVAL_ALL, "report")),
     Change("eval.batch_size", 2, EVAL_ALL),
