@@ -53,7 +53,7 @@ def response_losses(hidden: torch.Tensor, output_layer: torch.nn.Module, targets
     hidden[j] is the student's final hidden state at the position that predicts targets[j] (already shifted:
     position len(prompt)+j-1 predicts response token j). teacher_logits(a, b) returns the teacher's logits for
     the same response tokens a..b-1, so both distributions are always taken at the same tokens. `width` keeps
-    the first columns only: the real tokens, without the output layer's padding rows (kd.models.check_same_vocab)."""
+    the first columns only: the real tokens, without the output layer's padding rows (kd.vocab.check_same_vocab)."""
     n = targets.shape[0]
     ce_sum = hidden.new_zeros((), dtype=torch.float64)
     kd_sum = hidden.new_zeros((), dtype=torch.float64)

@@ -128,7 +128,7 @@ def select_targets(p: dict, root: Path, strategy: str, echo: Callable[[str], Non
 
     from kd.distill import Checkpoint, build_examples, select_responses, train
     from kd.loading import load_tokenizer
-    from kd.models import check_same_vocab
+    from kd.vocab import check_same_vocab
     from kd.seeding import seed_everything
     from kd.teacher_signal import TeacherSignal
     from kd.trainer import lora_student

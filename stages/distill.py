@@ -11,7 +11,7 @@ from kd.cli_util import run_stage
 from kd.distill import build_examples, select_responses
 from kd.io import read_jsonl, sha256_file
 from kd.loading import load_tokenizer
-from kd.models import check_same_vocab
+from kd.vocab import check_same_vocab
 from kd.params import load_params
 from kd.seeding import seed_everything
 from kd.teacher_signal import TeacherSignal

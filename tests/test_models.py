@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from kd import models
+from kd import models, vocab
 from kd.errors import KdError, ParamError
 from kd.loading import load_model, load_tokenizer
 
@@ -216,14 +216,14 @@ def test_tiny_recipes_are_deterministic(tmp_path):
 def test_check_same_vocab(synth, tmp_path):
     models.materialise("tiny-teacher", tmp_path / "teacher", quiet=True)
     models.materialise("tiny-student", tmp_path / "student", quiet=True)
-    info = models.check_same_vocab(tmp_path / "teacher", tmp_path / "student")
+    info = vocab.check_same_vocab(tmp_path / "teacher", tmp_path / "student")
     assert info["kd_width"] == info["teacher_logits"] == info["student_logits"] == 259
 
     models.materialise(str(synth["src"]), tmp_path / "other", quiet=True)  # a local .gguf spec
     with pytest.raises(KdError, match="tokenizers differ.*only in student"):
-        models.check_same_vocab(tmp_path / "teacher", tmp_path / "other")
+        vocab.check_same_vocab(tmp_path / "teacher", tmp_path / "other")
     # GGUF tokenizers list [PAD<id>] placeholders up to the logits width: not real tokens, not in kd_width
-    info = models.check_same_vocab(tmp_path / "other", tmp_path / "other")
+    info = vocab.check_same_vocab(tmp_path / "other", tmp_path / "other")
     assert info == {"tokenizer_size": 262, "kd_width": 262, "teacher_logits": 288, "student_logits": 288,
                     "same_chat_template": True}
 
