@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
+from kd.dtypes import torch_dtype
 from kd.errors import ArtefactError
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
 def _check_dir(path: str | Path) -> Path:
@@ -38,7 +38,7 @@ def load_model(path: str | Path, dtype: str = "bfloat16", trust_remote_code: boo
     from transformers import AutoModelForCausalLM
 
     path = _check_dir(path)
-    kwargs = dict(dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True)
+    kwargs = dict(dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if quantization:
@@ -48,7 +48,7 @@ def load_model(path: str | Path, dtype: str = "bfloat16", trust_remote_code: boo
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = (
-            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=DTYPES[dtype])
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch_dtype(dtype))
             if quantization == "bnb-4bit" else BitsAndBytesConfig(load_in_8bit=True))
         kwargs["device_map"] = "auto"  # spread a large teacher over every visible GPU
     model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)

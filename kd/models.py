@@ -30,11 +30,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from kd.dtypes import NAMES as DTYPE_NAMES, torch_dtype as _torch_dtype
 from kd.errors import KdError, ParamError
 from kd.io import atomic_path, dumps_json, sha256_file
 
 REGISTRY_PATH = Path(__file__).with_name("models.yaml")
-DTYPE_NAMES = ("bfloat16", "float16", "float32")
 SOURCES = ("random", "pypi-gguf")
 # Hugging Face repo ids: `org/name`, each part [A-Za-z0-9_.-], no leading/trailing `-`/`.`, no `--` or `..`
 _HUB_PART = r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
@@ -276,12 +276,6 @@ def describe_folder(folder: str | Path, trust_remote_code: bool = False) -> dict
         "files": files,
         "bytes": sum((folder / f).stat().st_size for f in files),
     }
-
-
-def _torch_dtype(name: str):
-    import torch
-
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
 def _save(model, tok, out: Path, dtype: str) -> None:

@@ -12,9 +12,9 @@ from typing import Any, Callable
 
 import yaml
 
+from kd.dtypes import NAMES as DTYPES
 from kd.errors import KdError, ParamError
 
-DTYPES = ["bfloat16", "float16", "float32"]
 LOGIT_FORMATS = ["hidden", "full", "topk"]
 LOSSES = ["reverse_kl", "forward_kl", "jsd"]
 HARD_TARGETS = ["teacher", "gold"]
