@@ -212,19 +212,12 @@ def _task_stops() -> list[str]:
     return list(yaml.safe_load(TASK_TEMPLATE.read_text(encoding="utf-8"))["generation_kwargs"]["until"])
 
 
-def run_lm_eval(spec: ModelSpec | None, docs: Sequence[dict], *, max_new_tokens: int, batch_size: int,
-                limit: int | None, seed: int, device: str | None = None, lm=None) -> tuple[dict, Any]:
-    """Run gsm8k_kd over `docs`; returns (lm-eval results including per-sample logs, the LM used).
-
-    `lm` overrides the model (any lm_eval LM with a `tokenizer`; tests pass a replay LM); then `spec` is
-    unused."""
+def run_lm_eval(lm, docs: Sequence[dict], *, max_new_tokens: int, batch_size: int, limit: int | None,
+                seed: int) -> dict:
+    """Run gsm8k_kd over `docs` with `lm` (any lm_eval LM); returns lm-eval's results with per-sample logs."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from kd.loading import default_device
-
-    if lm is None:
-        lm = _make_lm(spec, batch_size, device or default_device())
     with tempfile.TemporaryDirectory(prefix="kd-eval-") as tmp:
         task_dir = write_task_dir(docs, Path(tmp) / "task", max_new_tokens)
         tm = TaskManager(include_path=str(task_dir), include_defaults=False)
@@ -245,7 +238,7 @@ def run_lm_eval(spec: ModelSpec | None, docs: Sequence[dict], *, max_new_tokens:
         )
     if results is None:
         raise KdError("lm-eval returned no results (not rank 0?); run eval as a single process")
-    return results, lm
+    return results
 
 
 # ------------------------------------------------------------------------------------ samples -> rows
@@ -355,14 +348,17 @@ def response_token_counts(samples: Sequence[dict], lm, max_new_tokens: int) -> d
 # ------------------------------------------------------------------------------------------------ stage
 
 
-def evaluate_docs(spec: ModelSpec, rows: Sequence[dict], params: dict, *, device: str | None = None,
-                  lm=None) -> tuple[list[dict], dict]:
+def evaluate_docs(spec: ModelSpec, rows: Sequence[dict], params: dict, *,
+                  device: str | None = None) -> tuple[list[dict], dict]:
     """Score prepared rows (id/question/gold) with one model. Returns (sample rows, metrics)."""
+    from kd.loading import default_device
+
     ev = params["eval"]
     limit = ev.get("limit")
     docs = build_docs(rows, params["prompting"]["instruction"], spec.prompt)
-    results, lm = run_lm_eval(spec, docs, max_new_tokens=ev["max_new_tokens"], batch_size=ev["batch_size"],
-                              limit=limit, seed=params["seed"], device=device, lm=lm)
+    lm = _make_lm(spec, ev["batch_size"], device or default_device())
+    results = run_lm_eval(lm, docs, max_new_tokens=ev["max_new_tokens"], batch_size=ev["batch_size"],
+                          limit=limit, seed=params["seed"])
     samples = results["samples"][TASK_NAME]
     out_rows = rows_from_samples(samples)
     expected = len(docs) if limit is None else min(int(limit), len(docs))
@@ -373,8 +369,7 @@ def evaluate_docs(spec: ModelSpec, rows: Sequence[dict], params: dict, *, device
     return out_rows, summarise(out_rows)
 
 
-def evaluate_model(name: str, params: dict, *, root: str | Path = ".", device: str | None = None,
-                   lm=None) -> dict:
+def evaluate_model(name: str, params: dict, *, root: str | Path = ".", device: str | None = None) -> dict:
     """The eval@<name> stage: read the prepared eval split, evaluate, write metrics + samples.
 
     Returns a summary: {"model", "items", "tokens", "seconds", **metrics}. `root` is the repository root
@@ -382,10 +377,9 @@ def evaluate_model(name: str, params: dict, *, root: str | Path = ".", device: s
     root = Path(root)
     spec = resolve_model(name, params, root / MODELS_DIR)
     rows = load_eval_rows(root / EVAL_DATA)
-    if lm is None:
-        check_model_files(spec)
+    check_model_files(spec)
     t0 = time.perf_counter()
-    out_rows, metrics = evaluate_docs(spec, rows, params, device=device, lm=lm)
+    out_rows, metrics = evaluate_docs(spec, rows, params, device=device)
     seconds = time.perf_counter() - t0
     write_jsonl(root / REPORTS_DIR / name / "samples.jsonl", out_rows)
     write_json(root / METRICS_DIR / f"{name}.json", metrics)

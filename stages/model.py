@@ -16,12 +16,11 @@ from kd.params import load_params  # noqa: E402
 
 @click.command()
 @click.argument("role", type=click.Choice(["teacher", "student"]))
-@click.option("--out", default=None, help="output folder (default models/<role>)")
-def main(role, out):
+def main(role):
     p = load_params()
     cfg = p[role]
     validate_spec(cfg["model"], key=f"{role}.model")
-    out = out or f"models/{role}"
+    out = f"models/{role}"
     t0 = time.time()
     summary = materialise(cfg["model"], out, dtype=cfg["dtype"], trust_remote_code=cfg["trust_remote_code"],
                           manifest="kd_model.json")

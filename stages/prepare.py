@@ -16,9 +16,9 @@ from kd.params import load_params
 
 
 @click.command()
-@click.option("--out", default="data/prepared", show_default=True)
-def main(out):
+def main():
     p = load_params()
+    out = "data/prepared"
     t0 = time.time()
     cfg = p["prepare"]
     splits, note = make_splits(load_source(cfg["source"]), cfg["transfer_size"], cfg["validation_size"],

@@ -266,11 +266,18 @@ def _known_root(tmp_path):
     return {i: resp for i, _, resp, *_ in KNOWN}
 
 
-def test_scoring_known_responses_through_lm_eval(tmp_path):
+def _replay(monkeypatch, lm):
+    """Every model eval would load answers from `lm` instead (lm-eval still does all the scoring)."""
+    monkeypatch.setattr(ev, "_make_lm", lambda *a, **k: lm)
+    monkeypatch.setattr(ev, "check_model_files", lambda spec: None)
+
+
+def test_scoring_known_responses_through_lm_eval(tmp_path, monkeypatch):
     responses = _known_root(tmp_path)
     lm = ReplayLM(responses)
+    _replay(monkeypatch, lm)
     p = _params()
-    s = ev.evaluate_model("student", p, root=tmp_path, lm=lm)
+    s = ev.evaluate_model("student", p, root=tmp_path)
     rows = _read(tmp_path / "reports" / "eval" / "student" / "samples.jsonl")
     assert [r["id"] for r in rows] == [k[0] for k in KNOWN]
     for r, (i, gold, resp, preds, correct) in zip(rows, KNOWN):
@@ -294,8 +301,7 @@ def test_cross_check_fails_loudly(tmp_path):
     p = _params()
     rows = ev.load_eval_rows(tmp_path / "data" / "prepared" / "eval.jsonl")
     docs = ev.build_docs(rows, p["prompting"]["instruction"])
-    results, _ = ev.run_lm_eval(None, docs, max_new_tokens=8, batch_size=4, limit=None, seed=0,
-                                lm=ReplayLM(responses))
+    results = ev.run_lm_eval(ReplayLM(responses), docs, max_new_tokens=8, batch_size=4, limit=None, seed=0)
     samples = results["samples"][ev.TASK_NAME]
     task = results["results"][ev.TASK_NAME]
     out = ev.rows_from_samples(samples)
@@ -378,8 +384,7 @@ def test_stage_prints_summary(monkeypatch, tmp_path):
 
     responses = _known_root(tmp_path)
     monkeypatch.setattr(kd.params, "load_params", lambda *a, **k: _params())
-    real = ev.evaluate_model
-    monkeypatch.setattr(ev, "evaluate_model", lambda name, p: real(name, p, lm=ReplayLM(responses)))
+    _replay(monkeypatch, ReplayLM(responses))
     monkeypatch.chdir(tmp_path)
     res = CliRunner().invoke(_stage().main, ["teacher"])
     assert res.exit_code == 0, res.output
