@@ -1,14 +1,28 @@
-"""GSM8K answer parsing. Mirrors lm-eval's gsm8k filters (strict `#### N`, flexible last number) and its
-exact_match normalisation, so the teacher's correctness here means the same as eval accuracy later."""
+"""GSM8K answer parsing with the eval task's own filters (strict `#### N`, flexible last number) and exact_match
+normalisation, read from kd/tasks/gsm8k_kd.yaml (their one home), so the teacher's correctness here means the same
+as eval accuracy later."""
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
-STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
-FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
-GOLD = re.compile(r"####\s*(.+?)\s*$", re.S)
-_IGNORE = [re.compile(r","), re.compile(r"\$"), re.compile(r"(?s).*#### "), re.compile(r"\.$")]
+import yaml
+
+TASK_FILE = Path(__file__).parent / "tasks" / "gsm8k_kd.yaml"
+
+
+def _task_regexes() -> tuple[re.Pattern, re.Pattern, list[re.Pattern]]:
+    task = yaml.safe_load(TASK_FILE.read_text(encoding="utf-8"))
+    filters = {f["name"]: f["filter"][0]["regex_pattern"] for f in task["filter_list"]}
+    metric = next(m for m in task["metric_list"] if m["metric"] == "exact_match")
+    return (re.compile(filters["strict-match"]), re.compile(filters["flexible-extract"]),
+            [re.compile(r) for r in metric["regexes_to_ignore"]])
+
+
+STRICT, FLEXIBLE, _IGNORE = _task_regexes()
+GOLD = re.compile(r"####\s*(.+?)\s*$", re.S)  # GSM8K's own solutions end with '#### <number>'
+
 _NUMBER = re.compile(r"-?\d+(\.\d+)?")
 
 

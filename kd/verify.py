@@ -348,7 +348,8 @@ INVALIDATION: list[Change] = [
     Change("report.attention_prompts", 1, ("report",)),
     Change("kd/loss.py", None, TRAIN_ALL),
     Change("kd/answers.py", None, ("prepare", "teacher@*")),
-    Change("kd/tasks/gsm8k_kd.yaml", None, EVAL_ALL),
+    Change("kd/tasks/gsm8k_kd.yaml", None, ("prepare", "teacher@*", *EVAL_ALL),
+           why="eval's task, and the answer filters kd/answers.py reads from it"),
     Change("kd/models.yaml", None, ("model@*",)),
     Change("kd/attention.py", None, ("report",)),
 ]
