@@ -162,3 +162,61 @@ def greedy_decode(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: in
                 finish(run.rows[r], run.gen[r])
             run.keep([r for r in range(len(run.rows)) if r not in set(ended)])
     return out
+
+
+def lm_eval_generate_until(lm, requests, disable_tqdm: bool = False) -> list[str]:
+    """lm-eval's HFLM.generate_until, with the batch decoding done by `greedy_decode` over all requests at once.
+
+    Kept from HFLM, so lm-eval's scoring sees what HF `generate` at batch size 1 would give: the context
+    encoding (`tok_batch_encode`, left truncation to max_length - max_gen_toks), its stop strings (the eot token
+    appended, checked per row on the decoded last len(stop)+2 tokens, as its MultiTokenEOSCriteria does), the
+    response decoded with `lm.tok_decode` and cut by `postprocess_generated_text`, and the cache hook call per
+    response (eval counts response tokens through those two). Greedy only: anything else is refused."""
+    import json
+
+    from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+    from tqdm import tqdm
+
+    from kd.errors import KdError
+
+    args = [req.args for req in requests]
+    groups: dict[str, list[int]] = {}
+    for i, (_, gen_kwargs) in enumerate(args):
+        groups.setdefault(json.dumps(gen_kwargs, sort_keys=True, default=str), []).append(i)
+    eot = lm.tok_decode(lm.eot_token_id, skip_special_tokens=False)
+    base = lm.model.get_base_model() if hasattr(lm.model, "get_base_model") else lm.model
+    eos = base.generation_config.eos_token_id
+    stop_ids = sorted(set(([] if eos is None else [eos] if isinstance(eos, int) else list(eos))
+                          + list(getattr(lm, "stop_ids", ()))))
+    res: list[str | None] = [None] * len(args)
+    pbar = tqdm(total=len(args), disable=disable_tqdm or lm.rank != 0, desc="Running generate_until requests")
+    for idxs in groups.values():
+        gen_kwargs = args[idxs[0]][1]
+        kwargs = normalize_gen_kwargs(gen_kwargs, lm.max_gen_toks)
+        until = handle_stop_sequences(kwargs.pop("until", None), eos=eot)
+        max_gen = int(kwargs.pop("max_gen_toks"))
+        if kwargs.pop("do_sample", False) or kwargs.pop("temperature", 0.0) or kwargs:
+            raise KdError(f"eval decodes greedily only; the task asks for generation kwargs {gen_kwargs!r}")
+        prompts = [lm.tok_batch_encode([args[i][0]], left_truncate_len=lm.max_length - max_gen,
+                                       truncation=lm.truncation)[0][0].tolist() for i in idxs]
+        lookback = [(s, len(lm.tokenizer.encode(s, add_special_tokens=False)) + 2) for s in until]
+
+        def stop_fn(toks: list[int]) -> bool:
+            return any(s in lm.tokenizer.decode(toks[-n:]) for s, n in lookback)
+
+        outs = greedy_decode(lm.model, prompts, max_new_tokens=max_gen, stop_ids=stop_ids,
+                             pad_id=lm.tokenizer.pad_token_id, batch_size=int(lm.batch_size), stop_fn=stop_fn,
+                             on_finish=lambda *_: pbar.update(1))
+        for i, toks in zip(idxs, outs):
+            think = lm.think_end_token
+            if isinstance(think, int) and think in toks:
+                toks = toks[len(toks) - toks[::-1].index(think):]
+            s = lm.tok_decode(toks)
+            if isinstance(think, int):
+                s = s.lstrip()
+            s = postprocess_generated_text(generation=s, stop=until,
+                                           think_end_token=think if isinstance(think, str) else None)
+            res[i] = s
+            lm.cache_hook.add_partial("generate_until", args[i], s)
+    pbar.close()
+    return res

@@ -198,6 +198,12 @@ def _make_lm(spec: ModelSpec, batch_size: int, device: str):
         def get_model_info(self) -> dict:  # the stock one asks the Hub for the "model sha" of a local path
             return {}
 
+        def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+            # continuous batching over all requests (kd/decode.py); lm-eval still encodes, stops and scores
+            from kd.decode import lm_eval_generate_until
+
+            return lm_eval_generate_until(self, requests, disable_tqdm)
+
         def tok_decode(self, tokens, skip_special_tokens: bool = True):
             if isinstance(tokens, list):  # a generated row (the eos lookup passes a bare int)
                 n = len(tokens)
