@@ -156,8 +156,9 @@ def bench_decoding(model, tokenizer, *, n: int, batch: int, max_new: int, b1_row
     }
 
 
-def _train_step_child(conn, student_dir, teacher_dir, dtype, variant, seq, resp, steps):
+def _train_step_child(conn, student_dir, teacher_dir, dtype, variant, seq, resp, steps, threads):
     """One kind of training step, `steps` times, in a fresh process (for its own peak memory)."""
+    torch.set_num_threads(threads)
     from peft import LoraConfig, get_peft_model
 
     from kd.distill import Example, example_loss
@@ -209,7 +210,7 @@ def bench_training(student_dir, teacher_dir, dtype: str, *, seq: int, resp: int,
     for variant in ("sft", "distill_offline", "distill_online"):
         a, b = ctx.Pipe()
         p = ctx.Process(target=_train_step_child, args=(b, str(student_dir), str(teacher_dir), dtype, variant, seq,
-                                                        resp, steps))
+                                                        resp, steps, torch.get_num_threads()))
         p.start()
         out[variant] = a.recv()
         p.join()
@@ -236,7 +237,7 @@ def bench_dvc(root: Path) -> dict:
 
 
 SIZES = {  # prompts, batch (today's teacher batch for the real pair), max_new_tokens, batch-1 rows, repeats
-    "tiny": dict(n=16, batch=8, max_new=48, b1_rows=8, repeats=2, seq=256, resp=128, steps=3),
+    "tiny": dict(n=16, batch=8, max_new=48, b1_rows=6, repeats=2, seq=256, resp=128, steps=3),
     "real": dict(n=24, batch=24, max_new=160, b1_rows=3, repeats=1, seq=384, resp=160, steps=2),
 }
 

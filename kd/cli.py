@@ -101,12 +101,19 @@ def verify(profile_name, tolerance, rtol, atol, skip_invalidation, quick, keep, 
 @click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), default="reports/bench.json", show_default=True)
 @click.option("--no-train", is_flag=True, help="Skip items 3-4 (training steps).")
-def bench(size, models_dir, dtype, out, no_train):
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch threads (default: torch's own). On a machine shared with other work, 1 avoids "
+                   "threads spinning against each other (measured 10x slower decoding at 2 threads under load).")
+def bench(size, models_dir, dtype, out, no_train, threads):
     """Speed ratios measured side by side (decoder, training step, dvc); writes --out and prints a table."""
     import tempfile
 
+    import torch
+
     from kd.bench import run_bench, table
 
+    if threads:
+        torch.set_num_threads(threads)
     root = Path.cwd()
     real = Path(models_dir) if models_dir else root / "models"
     if size is None:
