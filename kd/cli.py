@@ -92,6 +92,47 @@ def verify(profile_name, tolerance, rtol, atol, skip_invalidation, quick, keep, 
     sys.exit(0 if v.ok else 1)
 
 
+@cli.command()
+@click.option("--profile", "size", type=click.Choice(["tiny", "real"]), default=None,
+              help="tiny: build the tiny random pair in a temp dir (seconds); real: models/teacher and "
+                   "models/student. Default: real if those folders exist, else tiny.")
+@click.option("--models", "models_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder holding teacher/ and student/ (implies the real sizes unless --profile tiny).")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), default="reports/bench.json", show_default=True)
+@click.option("--no-train", is_flag=True, help="Skip items 3-4 (training steps).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch threads (default: torch's own). On a machine shared with other work, 1 avoids "
+                   "threads spinning against each other (measured 10x slower decoding at 2 threads under load).")
+def bench(size, models_dir, dtype, out, no_train, threads):
+    """Speed ratios measured side by side (decoder, training step, dvc); writes --out and prints a table."""
+    import tempfile
+
+    import torch
+
+    from kd.bench import run_bench, table
+
+    if threads:
+        torch.set_num_threads(threads)
+    root = Path.cwd()
+    real = Path(models_dir) if models_dir else root / "models"
+    if size is None:
+        size = "real" if (real / "teacher" / "config.json").exists() and (real / "student").exists() else "tiny"
+    with tempfile.TemporaryDirectory(prefix="kd-bench-") as tmp:
+        if size == "tiny" and models_dir is None:
+            from kd.tiny import save_tiny
+
+            real = Path(tmp)
+            for role in ("teacher", "student"):
+                save_tiny(f"tiny-{role}", real / role)
+        elif not (real / "teacher" / "config.json").exists():
+            raise KdError(f"{real}/teacher: no model folder (run `dvc repro model@teacher` or pass --profile tiny)")
+        result = run_bench(real, size, dtype, root, Path(out), train=not no_train,
+                           log=lambda m: click.echo(m, err=True))
+    click.echo(table(result))
+    click.echo(f"wrote {out}")
+
+
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.argument("dvc_args", nargs=-1, type=click.UNPROCESSED)
 def repro(dvc_args):

@@ -182,6 +182,12 @@ def _make_lm(spec: ModelSpec, batch_size: int, device: str):
         def get_model_info(self) -> dict:  # the stock one asks the Hub for the "model sha" of a local path
             return {}
 
+        def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+            # continuous batching over all requests (kd/decode.py); lm-eval still encodes, stops and scores
+            from kd.decode import lm_eval_generate_until
+
+            return lm_eval_generate_until(self, requests, disable_tqdm)
+
         def tok_decode(self, tokens, skip_special_tokens: bool = True):
             if isinstance(tokens, list):  # a generated row (the eos lookup passes a bare int)
                 n, stopped = len(tokens), False
@@ -335,7 +341,8 @@ def response_token_counts(samples: Sequence[dict], lm, max_new_tokens: int) -> d
             if context not in recorded:
                 raise KdError(f"lm-eval: no token count recorded for doc id {doc_id}")
             n, stopped = recorded[context]
-            out[doc_id] = (n, not stopped)
+            # a row that stopped on a stop *string* (no stop token) ends before the budget: not truncated
+            out[doc_id] = (n, not stopped and n >= max_new_tokens)
         else:
             tok = getattr(lm, "tokenizer", None)
             if tok is None:

@@ -9,8 +9,6 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from kd.answers import score
 from kd.errors import ArtefactError
 from kd.io import read_json, write_json
@@ -22,30 +20,25 @@ def build_prompts(rows: list[dict], template: str, instruction: str, tokenizer) 
             for r in rows]
 
 
-def batches(prompts: list[dict], batch_size: int) -> list[list[dict]]:
+# Rows per resumable unit, in batches: a chunk is decoded with continuous batching and persisted whole, so a
+# killed run resumes at a chunk boundary and recomputes exactly what it would have (a row's last bits may depend
+# on which rows shared its batch). Larger chunks waste less on draining the batch at each chunk's end.
+CHUNK_BATCHES = 4
+
+
+def chunks(prompts: list[dict], batch_size: int) -> list[list[dict]]:
     """Longest prompts first (less padding, early OOM); ties broken by id — a fixed order on every run."""
     order = sorted(prompts, key=lambda p: (-len(p["prompt_ids"]), p["id"]))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    size = batch_size * CHUNK_BATCHES
+    return [order[i:i + size] for i in range(0, len(order), size)]
 
 
-@torch.no_grad()
-def generate_batch(model, tokenizer, batch: list[dict], max_new_tokens: int) -> list[list[int]]:
-    pad = tokenizer.pad_token_id
-    width = max(len(p["prompt_ids"]) for p in batch)
-    ids = torch.full((len(batch), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, p in enumerate(batch):  # left padding
-        ids[i, width - len(p["prompt_ids"]):] = torch.tensor(p["prompt_ids"])
-        mask[i, width - len(p["prompt_ids"]):] = 1
-    dev = model.device
-    out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
-                         do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=_eos_ids(model, tokenizer))
-    eos = set(_eos_ids(model, tokenizer))
-    responses = []
-    for row in out[:, width:].tolist():
-        cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))  # keep the eos: the student learns to stop
-        responses.append(row[:cut])
-    return responses
+def generate_chunk(model, tokenizer, chunk: list[dict], max_new_tokens: int, batch_size: int) -> list[list[int]]:
+    """Greedy responses (eos kept: the student learns to stop) through the continuous-batching decoder."""
+    from kd.decode import greedy_decode
+
+    return greedy_decode(model, [p["prompt_ids"] for p in chunk], max_new_tokens=max_new_tokens,
+                         stop_ids=_eos_ids(model, tokenizer), pad_id=tokenizer.pad_token_id, batch_size=batch_size)
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -59,14 +52,14 @@ def _eos_ids(model, tokenizer) -> list[int]:
 def run_generation(model, tokenizer, rows: list[dict], template: str, instruction: str, max_new_tokens: int,
                    batch_size: int, work_dir: Path, fingerprint: str,
                    progress: Callable[[int], None] | None = None) -> list[dict]:
-    """Generate for every row; finished batches are kept in `work_dir` so a killed run resumes where it was.
+    """Generate for every row; finished chunks are kept in `work_dir` so a killed run resumes where it was.
     `fingerprint` names everything the responses depend on: a batch from other settings is never reused."""
     prompts = build_prompts(rows, template, instruction, tokenizer)
     done: dict[int, list[int]] = {}
-    order = batches(prompts, batch_size)
+    order = chunks(prompts, batch_size)
     reused = 0
     for n, batch in enumerate(order):
-        part = work_dir / f"batch-{n:05d}.json"
+        part = work_dir / f"chunk-{n:05d}.json"
         try:
             cached = read_json(part) if part.exists() else None
         except ArtefactError:  # unreadable (e.g. written while the disk was full): generate it again
@@ -75,14 +68,14 @@ def run_generation(model, tokenizer, rows: list[dict], template: str, instructio
             responses = cached["responses"]
             reused += 1
         else:
-            responses = generate_batch(model, tokenizer, batch, max_new_tokens)
+            responses = generate_chunk(model, tokenizer, batch, max_new_tokens, batch_size)
             write_json(part, {"fingerprint": fingerprint, "ids": [p["id"] for p in batch], "responses": responses})
         for p, r in zip(batch, responses):
             done[p["id"]] = r
         if progress:
             progress(len(batch))
     if reused:
-        print(f"teacher: reused {reused} of {len(order)} finished batches from {work_dir} "
+        print(f"teacher: reused {reused} of {len(order)} finished chunks from {work_dir} "
               "(an earlier run was interrupted)", file=sys.stderr)
     by_id = {r["id"]: r for r in rows}
     out = []

@@ -33,7 +33,7 @@ def _params() -> dict:
     p = yaml.safe_load((ROOT / "profiles/tiny.yaml").read_text())
     p["prompting"]["strategies"] = [S]
     p["prepare"].update(transfer_size=12, validation_size=4)
-    p["teacher"].update(batch_size=2, max_new_tokens=16)  # 6 batches: time to kill between them
+    p["teacher"].update(batch_size=1, max_new_tokens=16)  # 3 resumable chunks of 4: time to kill between them
     p["distill"].update(epochs=2, checkpoint_every=2)    # 24 steps, a checkpoint every 2
     return p
 
@@ -118,7 +118,7 @@ def fresh(tiny: Path, tmp_path: Path) -> Path:
 # ------------------------------------------------------------------------------------------------ SIGKILL
 
 
-def test_teacher_killed_mid_way_reuses_finished_batches(tiny, tmp_path, capfd):
+def test_teacher_killed_mid_way_reuses_finished_chunks(tiny, tmp_path, capfd):
     root = fresh(tiny, tmp_path)
     reference = tree_bytes(tiny, f"data/teacher/{S}", f"metrics/teacher/{S}.json")
     shutil.rmtree(root / f"data/teacher/{S}")
@@ -127,18 +127,18 @@ def test_teacher_killed_mid_way_reuses_finished_batches(tiny, tmp_path, capfd):
 
     proc = subprocess.Popen([sys.executable, "stages/teacher.py", S], cwd=root, env=env(root),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    kill_when(proc, lambda: len(list(work.glob("batch-*.json"))) >= 2, "two teacher batches were written")
-    done = {p.name: p.read_bytes() for p in work.glob("batch-*.json")}
-    assert 2 <= len(done) < 6, f"killed with {len(done)} of 6 batches done"
+    kill_when(proc, lambda: len(list(work.glob("chunk-*.json"))) >= 1, "a teacher chunk was written")
+    done = {p.name: p.read_bytes() for p in work.glob("chunk-*.json")}
+    assert 1 <= len(done) < 3, f"killed with {len(done)} of 3 chunks done"
     assert not (root / f"data/teacher/{S}/responses.jsonl").exists(), "a killed stage left its output"
-    for raw in done.values():  # every finished batch is whole (atomic write)
-        assert len(json.loads(raw)["responses"]) == 2
+    for raw in done.values():  # every finished chunk is whole (atomic write)
+        assert len(json.loads(raw)["responses"]) == 4
 
     capfd.readouterr()
     in_process(root, "teacher", S)  # the re-run
     err = capfd.readouterr().err
-    # the batches finished before the kill were read back, not generated again (fingerprint matched)
-    assert f"reused {len(done)} of 6 finished batches" in err, err[-2000:]
+    # the chunks finished before the kill were read back, not generated again (fingerprint matched)
+    assert f"reused {len(done)} of 3 finished chunks" in err, err[-2000:]
     assert tree_bytes(root, f"data/teacher/{S}", f"metrics/teacher/{S}.json") == reference
     assert not work.exists(), "the work folder is removed once the output is written"
 

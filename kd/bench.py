@@ -1,0 +1,298 @@
+"""`kd bench`: speed figures measured side by side in one run, reported as ratios (machines are noisy).
+
+Items (issue 9): 1 decode vs forward tokens/s (the batched-decoding ceiling), 2 the decoder vs HF `generate` at
+batch 1 and at a fixed batch (the teacher stage's decoder before kd/decode.py), plus the decoder's token
+agreement with batch-1 `generate`, 3 a distill step vs a plain SFT (CE-only) step, 4 offline teacher signal vs
+an online teacher forward at every step, 5 `dvc status` / no-op `dvc repro` wall time. Each pair runs
+alternately, `repeats` times, best time kept. Not measured here: item 6 (growth with the question count,
+which needs whole-stage runs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from kd.decode import greedy_decode
+
+ISA = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "neon", "asimd")
+GSM8K = Path(__file__).resolve().parents[1] / "tests" / "data" / "gsm8k" / "test.jsonl"
+INSTRUCTION = "Solve the problem step by step. End with the final answer on its own line as '#### <number>'."
+
+
+def machine() -> dict:
+    import transformers
+
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, val = line.partition(":")
+            if key.strip() == "model name":
+                cpu = val.strip()
+            elif key.strip() in ("flags", "Features"):
+                flags = set(val.split())
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "isa": [f for f in ISA if f in flags], "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def _best(fns: dict[str, Callable[[], object]], repeats: int) -> tuple[dict[str, float], dict[str, object]]:
+    """Run the callables alternately `repeats` times; the fastest time of each, and each one's last result."""
+    times = {k: float("inf") for k in fns}
+    results = {}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            results[k] = fn()
+            times[k] = min(times[k], time.perf_counter() - t0)
+    return times, results
+
+
+def prompts_for(tokenizer, n: int) -> list[list[int]]:
+    """n chat-templated GSM8K questions (the bundled test rows, cycled)."""
+    from kd.prompting import chat_ids, render_question
+
+    rows = [json.loads(line) for line in GSM8K.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [chat_ids(tokenizer, render_question(rows[i % len(rows)]["question"], INSTRUCTION)) for i in range(n)]
+
+
+def hf_generate(model, prompts, max_new: int, stops: list[int], pad: int, batch_size: int) -> list[list[int]]:
+    """Plain HF `generate` over length-sorted fixed batches (left padding), each row cut after its first stop:
+    the teacher stage's decoder before kd/decode.py (batch_size 1: the per-prompt reference)."""
+    out: list[list[int] | None] = [None] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
+    for a in range(0, len(order), batch_size):
+        idx = order[a:a + batch_size]
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, i in enumerate(idx):
+            ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            mask[r, width - len(prompts[i]):] = 1
+        with torch.no_grad():
+            gen = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                                 max_new_tokens=max_new, do_sample=False, num_beams=1, eos_token_id=stops,
+                                 pad_token_id=pad)
+        for r, i in enumerate(idx):
+            row = gen[r, width:].tolist()
+            out[i] = row[:next((k + 1 for k, t in enumerate(row) if t in stops), len(row))]
+    return out
+
+
+def _stops(model, tokenizer, prompts, max_new: int) -> list[int]:
+    """The model's eos; for a random (tiny) model that never emits it, plus the token whose first occurrence
+    gives a mean response length nearest 40 % of max_new (real answers: ~67 of 160 tokens)."""
+    eos = model.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [tokenizer.eos_token_id])
+    free = greedy_decode(model, prompts, max_new_tokens=max_new, stop_ids=eos, pad_id=tokenizer.pad_token_id,
+                         batch_size=len(prompts))
+    if sum(map(len, free)) < 0.9 * max_new * len(free):
+        return eos  # the model stops by itself
+
+    def mean_len(t):
+        return sum(r.index(t) + 1 if t in r else len(r) for r in free) / len(free)
+
+    cands = sorted({t for r in free for t in r} - set(eos))
+    return eos + [min(cands, key=lambda t: (abs(mean_len(t) - 0.4 * max_new), t))]
+
+
+def bench_decoding(model, tokenizer, *, n: int, batch: int, max_new: int, b1_rows: int, repeats: int) -> dict:
+    pad = tokenizer.pad_token_id
+    prompts = prompts_for(tokenizer, n)
+    stops = _stops(model, tokenizer, prompts, max_new)
+
+    # 1. the ceiling: decode (no stops: every row makes max_new tokens) vs one forward over as many tokens
+    dec_rows = prompts[:batch]
+    fwd_ids = torch.randint(0, 256, (batch, max_new), generator=torch.Generator().manual_seed(0)).to(model.device)
+    def forward():
+        with torch.no_grad():
+            return model(input_ids=fwd_ids, logits_to_keep=1)
+
+    times, _ = _best({
+        "decode": lambda: greedy_decode(model, dec_rows, max_new_tokens=max_new, stop_ids=[], pad_id=pad,
+                                        batch_size=batch),
+        "forward": forward,
+    }, repeats)
+    tokens = batch * max_new
+    ceiling = {"tokens": tokens, "decode_tokens_per_s": tokens / times["decode"],
+               "forward_tokens_per_s": tokens / times["forward"],
+               "decode_over_forward": times["forward"] / times["decode"]}
+
+    # 2. the decoder vs HF generate at batch 1 (on the first b1_rows prompts) and at a fixed batch (all)
+    sub = prompts[:b1_rows]
+    times, res = _best({
+        "ours": lambda: greedy_decode(model, prompts, max_new_tokens=max_new, stop_ids=stops, pad_id=pad,
+                                      batch_size=batch),
+        "ours_sub": lambda: greedy_decode(model, sub, max_new_tokens=max_new, stop_ids=stops, pad_id=pad,
+                                          batch_size=batch),
+        "hf_fixed_batch": lambda: hf_generate(model, prompts, max_new, stops, pad, batch),
+        "hf_batch1": lambda: hf_generate(model, sub, max_new, stops, pad, 1),
+    }, repeats)
+    ours, ref1, fixed = res["ours"], res["hf_batch1"], res["hf_fixed_batch"]
+    tps = {k: sum(map(len, res[k])) / times[k] for k in times}
+    same = [a == b for a, b in zip(ours[:b1_rows], ref1)]
+    first_diff = [next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                  for a, b in zip(ours[:b1_rows], ref1) if a != b]
+    return {
+        "prompts": n, "batch": batch, "max_new_tokens": max_new, "batch1_rows": b1_rows,
+        "mean_response_tokens": sum(map(len, ours)) / n, "stop_ids": stops,
+        "1_ceiling": ceiling,
+        "2_decoder": {"tokens_per_s": tps, "vs_hf_batch1": tps["ours_sub"] / tps["hf_batch1"],
+                      "vs_hf_fixed_batch": tps["ours"] / tps["hf_fixed_batch"],
+                      "rows_equal_to_hf_batch1": sum(same), "rows_compared": len(same),
+                      "first_difference_at_token": first_diff,
+                      "rows_equal_fixed_batch_vs_hf_batch1": sum(a == b for a, b in zip(fixed[:b1_rows], ref1))},
+    }
+
+
+def _train_step_child(conn, student_dir, teacher_dir, dtype, variant, seq, resp, steps, threads):
+    """One kind of training step, `steps` times, in a fresh process (for its own peak memory)."""
+    torch.set_num_threads(threads)
+    from peft import LoraConfig, get_peft_model
+
+    from kd.distill import Example, example_loss
+    from kd.loading import load_model
+
+    torch.manual_seed(0)
+    student = get_peft_model(load_model(student_dir, dtype), LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM"))
+    student.train()
+    teacher = load_model(teacher_dir, dtype) if variant == "distill_online" else None
+    vocab = student.get_output_embeddings().weight.shape[0]
+    ids = torch.randint(0, 256, (seq,), generator=torch.Generator().manual_seed(1)).tolist()
+    ex = Example(0, ids, seq - resp, resp)
+    offline = torch.randn(resp, vocab, generator=torch.Generator().manual_seed(2)).to(torch.float16)
+    opt = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=1e-4)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def step():
+        if variant == "sft":
+            labels = torch.tensor([[-100] * (seq - resp) + ids[seq - resp:]])
+            loss = student(input_ids=torch.tensor([ids]), labels=labels).loss
+        else:
+            if teacher is not None:
+                with torch.no_grad():
+                    t_logits = teacher(input_ids=torch.tensor([ids])).logits[0, seq - resp - 1:seq - 1].float()
+            else:
+                t_logits = offline.float()
+            loss = example_loss(student, ex, lambda a, b: t_logits[a:b], 0.5, 2.0, "reverse_kl", "teacher",
+                                128, vocab)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    dt = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    conn.send({"seconds": dt, "peak_rss_kib": peak, "rss_at_start_kib": base})
+
+
+def bench_training(student_dir, teacher_dir, dtype: str, *, seq: int, resp: int, steps: int) -> dict:
+    """3 and 4: tokens/s and peak RSS of a distill step (offline signal / online teacher) vs a plain SFT step."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = {}
+    for variant in ("sft", "distill_offline", "distill_online"):
+        a, b = ctx.Pipe()
+        p = ctx.Process(target=_train_step_child, args=(b, str(student_dir), str(teacher_dir), dtype, variant, seq,
+                                                        resp, steps, torch.get_num_threads()))
+        p.start()
+        out[variant] = a.recv()
+        p.join()
+        out[variant]["tokens_per_s"] = steps * seq / out[variant]["seconds"]
+    return {"sequence_tokens": seq, "response_tokens": resp, "steps": steps, "runs": out,
+            "3_distill_vs_sft_speed": out["distill_offline"]["tokens_per_s"] / out["sft"]["tokens_per_s"],
+            "3_distill_vs_sft_peak_rss": out["distill_offline"]["peak_rss_kib"] / out["sft"]["peak_rss_kib"],
+            "4_offline_vs_online_speedup": out["distill_offline"]["tokens_per_s"]
+            / out["distill_online"]["tokens_per_s"]}
+
+
+def bench_dvc(root: Path) -> dict:
+    """5: wall time of `dvc status` and, when that finds nothing to do, of a no-op `dvc repro`."""
+    def run(*args):
+        t0 = time.perf_counter()
+        res = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True)
+        return time.perf_counter() - t0, res
+
+    dt, res = run("status")
+    out = {"status_seconds": dt, "status_up_to_date": res.returncode == 0 and "up to date" in res.stdout}
+    if out["status_up_to_date"]:
+        out["noop_repro_seconds"] = run("repro")[0]
+    return out
+
+
+SIZES = {  # prompts, batch (today's teacher batch for the real pair), max_new_tokens, batch-1 rows, repeats
+    "tiny": dict(n=16, batch=8, max_new=48, b1_rows=6, repeats=2, seq=256, resp=128, steps=3),
+    "real": dict(n=24, batch=24, max_new=160, b1_rows=3, repeats=1, seq=384, resp=160, steps=2),
+}
+
+
+def run_bench(models_dir: Path, size: str, dtype: str, root: Path, out: Path, train: bool = True,
+              log: Callable[[str], None] = print) -> dict:
+    from kd.io import write_json
+    from kd.loading import load_model, load_tokenizer
+    from kd.seeding import seed_everything
+
+    cfg = SIZES[size]
+    result = {"machine": machine(), "size": size, "dtype": dtype, "models": {}}
+    for role in ("teacher", "student"):
+        seed_everything(0)
+        tok = load_tokenizer(models_dir / role)
+        model = load_model(models_dir / role, dtype, device="cpu")
+        log(f"bench: decoding, {role}")
+        result["models"][role] = bench_decoding(model, tok, n=cfg["n"], batch=cfg["batch"], max_new=cfg["max_new"],
+                                                b1_rows=cfg["b1_rows"], repeats=cfg["repeats"])
+        del model
+    if train:
+        log("bench: training steps (sft, distill offline, distill online)")
+        result["training"] = bench_training(models_dir / "student", models_dir / "teacher", dtype,
+                                            seq=cfg["seq"], resp=cfg["resp"], steps=cfg["steps"])
+    log("bench: dvc")
+    result["dvc"] = bench_dvc(root)
+    write_json(out, result)
+    return result
+
+
+def table(r: dict) -> str:
+    """The README's markdown table for one bench.json."""
+    m = r["machine"]
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), ISA "
+             f"{' '.join(m['isa']) or '-'}; torch {m['torch']}, transformers {m['transformers']}; "
+             f"{r['size']} models, {r['dtype']}.", "",
+             "| item | figure | teacher | student | target |", "|---|---|---|---|---|"]
+    t, s = r["models"]["teacher"], r["models"]["student"]
+    lines.append(f"| 1 | decode / forward tokens/s | {t['1_ceiling']['decode_over_forward']:.2f}x | "
+                 f"{s['1_ceiling']['decode_over_forward']:.2f}x | >= 0.5x |")
+    lines.append(f"| 2 | decoder / HF generate, batch 1 | {t['2_decoder']['vs_hf_batch1']:.2f}x | "
+                 f"{s['2_decoder']['vs_hf_batch1']:.2f}x | >= 5x |")
+    lines.append(f"| 2 | decoder / HF generate, batch {t['batch']} | {t['2_decoder']['vs_hf_fixed_batch']:.2f}x | "
+                 f"{s['2_decoder']['vs_hf_fixed_batch']:.2f}x | >= 2x |")
+    lines.append(f"| 2 | rows equal to HF batch 1 | {t['2_decoder']['rows_equal_to_hf_batch1']}/"
+                 f"{t['2_decoder']['rows_compared']} | {s['2_decoder']['rows_equal_to_hf_batch1']}/"
+                 f"{s['2_decoder']['rows_compared']} | all (float32) |")
+    if "training" in r:
+        tr = r["training"]
+        lines.append(f"| 3 | distill / SFT step tokens/s | | {tr['3_distill_vs_sft_speed']:.2f}x | >= 0.8x |")
+        lines.append(f"| 3 | distill / SFT step peak RSS | | {tr['3_distill_vs_sft_peak_rss']:.2f}x | <= 1.2x |")
+        lines.append(f"| 4 | offline / online teacher signal, step speed | | "
+                     f"{tr['4_offline_vs_online_speedup']:.2f}x | |")
+    d = r["dvc"]
+    lines.append(f"| 5 | `dvc status` seconds | {d['status_seconds']:.2f} s | | <= 2 s |")
+    if "noop_repro_seconds" in d:
+        lines.append(f"| 5 | no-op `dvc repro` seconds | {d['noop_repro_seconds']:.2f} s | | <= 2 s |")
+    return "\n".join(lines)
