@@ -757,7 +757,8 @@ def repro(root: Path, dvc_args: list[str], echo: Callable[[str], None] = print,
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
                 kept.append(rel)
-        res = subprocess.run(["dvc", "repro", *dvc_args], cwd=root, env=env)
+        # `dvc repro` with upstream's fix for dry runs over not-yet-produced deps (kd/dvc_compat.py)
+        res = subprocess.run([sys.executable, "-m", "kd.dvc_compat", "repro", *dvc_args], cwd=root, env=env)
         if res.returncode == 0:
             return 0
         restored = restore_outputs(root, snap, kept, env)
