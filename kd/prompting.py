@@ -5,44 +5,82 @@ Both go through the model's chat template, so token ids are what the model was t
 
 from __future__ import annotations
 
-import string
+import re
 from pathlib import Path
-
-import yaml
 
 from kd.errors import KdError
 
-FIELDS = {"question", "answer", "solution"}
+FIELDS = ("question", "answer", "solution")
+# Templates are plain placeholder substitution, never str.format: `{question}`, `{answer}`, `{solution}` are
+# replaced by their text, `{{` and `}}` stand for literal braces, and anything else in braces (a format spec such as
+# `{question:>2000000000}`, a conversion `!r`, attribute or index access, a nested or unknown field) or a lone brace
+# is rejected when strategies.yaml is read, so nothing a template says can run code or blow up memory.
+_TOKEN = re.compile(r"\{\{|\}\}|\{(" + "|".join(FIELDS) + r")\}|[{}]")
+MAX_TEMPLATE_CHARS = 20_000      # a priming prefix is a sentence or a paragraph; this bounds every prompt's growth
+MAX_INSTRUCTION_CHARS = 20_000
+
+
+def template_fields(template: str) -> set[str]:
+    """The placeholders of `template`; ValueError saying what is wrong with the first brace that is not one."""
+    fields = set()
+    for m in _TOKEN.finditer(template):
+        if m.group(1):
+            fields.add(m.group(1))
+        elif m.group(0) in ("{", "}"):
+            unknown = re.match(r"\{([A-Za-z_]\w{0,40})\}", template[m.start():])
+            if unknown:
+                raise ValueError(f"uses unknown field {unknown.group(1)!r} "
+                                 "(allowed: {question}, {answer}, {solution})")
+            raise ValueError(f"is malformed at character {m.start()} ({template[m.start():m.start() + 24]!r}): "
+                             "only the placeholders {question}, {answer}, {solution} may be in braces, with no "
+                             "format spec, conversion or index (write {{ and }} for literal braces)")
+    return fields
+
+
+def fill(template: str, values: dict[str, str]) -> str:
+    """Substitute the placeholders in one pass (a value containing `{answer}` stays as it is)."""
+    def sub(m: re.Match) -> str:
+        if m.group(1):
+            return values[m.group(1)]
+        return {"{{": "{", "}}": "}"}.get(m.group(0), m.group(0))
+
+    return _TOKEN.sub(sub, template)
+
+
+def check_instruction(instruction: str, key: str = "prompting.instruction") -> str:
+    from kd.errors import ParamError
+
+    if len(instruction) > MAX_INSTRUCTION_CHARS:
+        raise ParamError(key, f"is {len(instruction)} characters long", f"at most {MAX_INSTRUCTION_CHARS}")
+    return instruction
 
 
 def load_strategies(path: str | Path) -> dict[str, str]:
     """name -> template; every template checked for known fields and a {question}."""
+    from kd.io import read_yaml
+    from kd.names import STRATEGY_RULE, is_strategy
+
     path = Path(path)
-    if not path.exists():
-        raise KdError(f"{path}: strategies file missing (params `prompting.file`)")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)  # one line: where, and what (PyYAML's str() spans several)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise KdError(f"{path}: not valid YAML ({where}{getattr(e, 'problem', None) or e})") from None
+    data = read_yaml(path, "params `prompting.file`")
     if not isinstance(data, dict) or not data:
         raise KdError(f"{path}: expected a mapping of strategy name -> {{template: ...}}")
     out = {}
     for name, spec in data.items():
+        if not is_strategy(name):  # every name here may become a folder name
+            raise KdError(f"{path}: strategy name {str(name)[:80]!r} is not {STRATEGY_RULE}")
         if not isinstance(spec, dict) or not isinstance(spec.get("template"), str):
             raise KdError(f"{path}: strategy `{name}` needs a `template:` string")
+        template = spec["template"]
+        if len(template) > MAX_TEMPLATE_CHARS:
+            raise KdError(f"{path}: strategy `{name}` template is {len(template)} characters long "
+                          f"(allowed: at most {MAX_TEMPLATE_CHARS})")
         try:
-            fields = {f for _, f, _, _ in string.Formatter().parse(spec["template"]) if f is not None}
+            fields = template_fields(template)
         except ValueError as e:
-            raise KdError(f"{path}: strategy `{name}` template is malformed ({e})") from None
-        unknown = fields - FIELDS
-        if unknown:
-            raise KdError(f"{path}: strategy `{name}` uses unknown field(s) {sorted(unknown)} "
-                          f"(allowed: {{question}}, {{answer}}, {{solution}})")
+            raise KdError(f"{path}: strategy `{name}` template {e}") from None
         if "question" not in fields:
             raise KdError(f"{path}: strategy `{name}` template must contain {{question}}")
-        out[str(name)] = spec["template"]
+        out[name] = template
     return out
 
 
@@ -52,8 +90,8 @@ def render_question(question: str, instruction: str) -> str:
 
 
 def teacher_text(template: str, row: dict, instruction: str) -> str:
-    return template.format(question=render_question(row["question"], instruction),
-                           answer=row["gold"], solution=row["answer"])
+    return fill(template, {"question": render_question(row["question"], instruction),
+                           "answer": str(row["gold"]), "solution": str(row["answer"])})
 
 
 def chat_ids(tokenizer, user_text: str) -> list[int]:
@@ -63,3 +101,62 @@ def chat_ids(tokenizer, user_text: str) -> list[int]:
     if hasattr(ids, "keys"):  # newer transformers return a BatchEncoding
         ids = ids["input_ids"]
     return [int(i) for i in ids]
+
+
+# ------------------------------------------------------------------------------------------- context sizes
+
+
+def context_size(model_dir: str | Path) -> int | None:
+    """The model's context (config max_position_embeddings), or None when the folder or the key is not there."""
+    import json
+
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(cfg, dict):
+        return None
+    n = cfg.get("max_position_embeddings", (cfg.get("text_config") or {}).get("max_position_embeddings"))
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
+def check_context(params: dict, root: str | Path = ".", tokenizers: dict | None = None,
+                  roles: tuple[str, ...] = ("teacher", "student")) -> None:
+    """Refuse an instruction or template so long that even an empty question's prompt, plus the tokens to be
+    generated, does not fit the model's context. Uses each materialised model folder's tokenizer (pass already
+    loaded ones in `tokenizers`); a role whose folder does not exist yet is skipped (its stage checks it)."""
+    from kd.errors import ParamError
+
+    root = Path(root)
+    instruction = params["prompting"]["instruction"]
+    empty = {"question": "", "gold": "", "answer": ""}
+    eval_models = params["eval"]["models"]
+    for role in roles:
+        folder = root / "models" / role
+        ctx = context_size(folder)
+        if ctx is None:
+            continue
+        tok = (tokenizers or {}).get(role)
+        if tok is None:
+            from kd.loading import load_tokenizer
+
+            try:
+                tok = load_tokenizer(folder, params[role]["trust_remote_code"])
+            except Exception:  # noqa: BLE001 - a broken folder is its loader's error to report
+                continue
+        checks = []
+        if role == "teacher":
+            templates = load_strategies(root / params["prompting"]["file"])
+            for s in params["prompting"]["strategies"]:
+                checks.append((f"the teacher prompt of strategy `{s}`", teacher_text(templates[s], empty, instruction),
+                               "teacher.max_new_tokens", params["teacher"]["max_new_tokens"]))
+        if role == "student" or role in eval_models:
+            checks.append(("the evaluation prompt", render_question("", instruction), "eval.max_new_tokens",
+                           params["eval"]["max_new_tokens"]))
+        for what, text, key, new in checks:
+            n = len(chat_ids(tok, text))
+            if n + new > ctx:
+                raise ParamError("prompting.instruction", f"is too long: {what} is {n} tokens before any question, "
+                                 f"and with {key}={new} that exceeds {folder}'s context of {ctx} tokens "
+                                 "(max_position_embeddings)", "a shorter instruction or template, or a smaller "
+                                 f"{key}")
