@@ -121,42 +121,50 @@ def context_size(model_dir: str | Path) -> int | None:
 
 
 def check_context(params: dict, root: str | Path = ".", tokenizers: dict | None = None,
-                  roles: tuple[str, ...] = ("teacher", "student")) -> None:
-    """Refuse an instruction or template so long that even an empty question's prompt, plus the tokens to be
-    generated, does not fit the model's context. Uses each materialised model folder's tokenizer (pass already
-    loaded ones in `tokenizers`); a role whose folder does not exist yet is skipped (its stage checks it)."""
+                  uses: tuple[str, ...] = ("teacher", "distill", "eval"), eval_models: list[str] | None = None) -> None:
+    """Refuse an instruction or template so long that even an empty question's prompt, plus what must be generated
+    after it, does not fit the model's context (config max_position_embeddings):
+      teacher: each strategy's teacher prompt + teacher.max_new_tokens, in models/teacher;
+      distill: the student's prompt + one response token, in models/student;
+      eval:    the evaluation prompt + eval.max_new_tokens, in each evaluated model's base (teacher or student).
+    Uses the materialised folders' tokenizers (pass loaded ones in `tokenizers`, by role); a folder that does not
+    exist yet is skipped (its stage checks it at entry, before loading weights)."""
     from kd.errors import ParamError
 
     root = Path(root)
     instruction = params["prompting"]["instruction"]
-    empty = {"question": "", "gold": "", "answer": ""}
-    eval_models = params["eval"]["models"]
-    for role in roles:
+    question = render_question("", instruction)
+    checks: list[tuple[str, str, str, str, int]] = []  # role, what, text, key, tokens after the prompt
+    if "teacher" in uses:
+        templates = load_strategies(root / params["prompting"]["file"])
+        empty = {"question": "", "gold": "", "answer": ""}
+        checks += [("teacher", f"the teacher prompt of strategy `{s}`", teacher_text(templates[s], empty, instruction),
+                    "teacher.max_new_tokens", params["teacher"]["max_new_tokens"])
+                   for s in params["prompting"]["strategies"]]
+    if "distill" in uses:
+        checks.append(("student", "the student's prompt", question, "", 1))
+    if "eval" in uses:
+        bases = {"teacher" if m == "teacher" else "student" for m in (eval_models or params["eval"]["models"])}
+        checks += [(role, "the evaluation prompt", question, "eval.max_new_tokens", params["eval"]["max_new_tokens"])
+                   for role in sorted(bases)]
+    toks = dict(tokenizers or {})
+    for role, what, text, key, new in checks:
         folder = root / "models" / role
         ctx = context_size(folder)
         if ctx is None:
             continue
-        tok = (tokenizers or {}).get(role)
-        if tok is None:
+        if role not in toks:
             from kd.loading import load_tokenizer
 
             try:
-                tok = load_tokenizer(folder, params[role]["trust_remote_code"])
-            except Exception:  # noqa: BLE001 - a broken folder is its loader's error to report
-                continue
-        checks = []
-        if role == "teacher":
-            templates = load_strategies(root / params["prompting"]["file"])
-            for s in params["prompting"]["strategies"]:
-                checks.append((f"the teacher prompt of strategy `{s}`", teacher_text(templates[s], empty, instruction),
-                               "teacher.max_new_tokens", params["teacher"]["max_new_tokens"]))
-        if role == "student" or role in eval_models:
-            checks.append(("the evaluation prompt", render_question("", instruction), "eval.max_new_tokens",
-                           params["eval"]["max_new_tokens"]))
-        for what, text, key, new in checks:
-            n = len(chat_ids(tok, text))
-            if n + new > ctx:
-                raise ParamError("prompting.instruction", f"is too long: {what} is {n} tokens before any question, "
-                                 f"and with {key}={new} that exceeds {folder}'s context of {ctx} tokens "
-                                 "(max_position_embeddings)", "a shorter instruction or template, or a smaller "
-                                 f"{key}")
+                toks[role] = load_tokenizer(folder, params[role]["trust_remote_code"])
+            except Exception:  # noqa: BLE001 - a broken folder is for its loader to report
+                toks[role] = None
+        if toks[role] is None:
+            continue
+        n = len(chat_ids(toks[role], text))
+        if n + new > ctx:
+            after = f"with {key}={new}" if key else "with one response token"
+            raise ParamError("prompting.instruction", f"is too long: {what} is {n} tokens before any question; "
+                             f"{after} that exceeds {folder}'s context of {ctx} tokens (max_position_embeddings)",
+                             "a shorter instruction or template" + (f", or a smaller {key}" if key else ""))

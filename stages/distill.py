@@ -20,7 +20,9 @@ from kd.errors import KdError
 from kd.io import atomic_path, read_jsonl, sha256_file, write_json
 from kd.loading import load_model, load_tokenizer
 from kd.models import check_same_vocab
+from kd.names import stage_arg
 from kd.params import load_params
+from kd.prompting import check_context
 from kd.seeding import seed_everything
 from kd.teacher_signal import TeacherSignal
 
@@ -29,11 +31,12 @@ from kd.teacher_signal import TeacherSignal
 @click.argument("strategy")
 def main(strategy):
     p = load_params()
+    stage_arg("strategy", strategy, p["prompting"]["strategies"], "prompting.strategies")  # before any path use
     cfg, s = p["distill"], p["student"]
     responses = read_jsonl(f"data/teacher/{strategy}/responses.jsonl")
     questions = {r["id"]: r for r in read_jsonl("data/prepared/transfer.jsonl")}
     # every artefact check runs before the student loads
-    signal = TeacherSignal(f"data/logits/{strategy}", responses, "models/teacher")
+    signal = TeacherSignal(f"data/logits/{strategy}", responses, "models/teacher", transfer_ids=list(questions))
     vocab = check_same_vocab("models/teacher", "models/student", s["trust_remote_code"])
     fingerprint = hashlib.sha256(json.dumps(
         [cfg, p["alpha"], p["temperature"], p["seed"], p["prompting"]["instruction"],
@@ -44,6 +47,7 @@ def main(strategy):
     t0 = time.time()
     seed_everything(p["seed"])
     tok = load_tokenizer("models/student", s["trust_remote_code"])
+    check_context(p, ".", {"student": tok}, uses=("distill",))
     examples, skipped = build_examples(responses, questions, tok, p["prompting"]["instruction"],
                                        cfg["max_length"], cfg["hard_target"])
     if not examples:
@@ -60,10 +64,11 @@ def main(strategy):
                                              target_modules=lora["target_modules"], task_type="CAUSAL_LM"))
     from dvclive import Live
 
-    live_dir = Path(f"reports/distill/{strategy}")
-    shutil.rmtree(live_dir, ignore_errors=True)
+    # the training curves go to a temp folder that replaces reports/distill/<s> only once training has succeeded:
+    # a failed run leaves the previous curves in place
     total = cfg["epochs"] * len(examples)
-    with Live(str(live_dir), save_dvc_exp=False, dvcyaml=None) as live, \
+    with atomic_path(f"reports/distill/{strategy}") as live_dir, \
+            Live(str(live_dir), save_dvc_exp=False, dvcyaml=None) as live, \
             tqdm(total=total, desc=f"distill@{strategy}", unit="step") as bar:
         def on_step(step, rec):
             for key in ("loss", "ce", "kd", "lr"):

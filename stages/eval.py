@@ -16,8 +16,13 @@ def main(model):
     from kd.evaluate import resolve_model
     from kd.params import load_params
 
+    from kd.names import stage_arg
+    from kd.prompting import check_context
+
     p = load_params()
+    stage_arg("model", model, p["eval"]["models"], "eval.models")  # before any path use
     resolve_model(model, p)  # a bad name fails here, before torch / lm-eval are imported
+    check_context(p, ".", uses=("eval",), eval_models=[model])  # before the weights load
 
     from kd.evaluate import evaluate_model
 
