@@ -65,8 +65,10 @@ def profile(name, force):
 def validate(path):
     """Check every key of a params file; exit 2 naming the first bad key."""
     from kd.params import load_params
+    from kd.prompting import check_context
 
     p = load_params(path)
+    check_context(p, Path.cwd())  # where models/<role> exist: does the shortest prompt fit their context?
     click.echo(f"{path}: ok (profile {p['profile']}, strategies {', '.join(p['prompting']['strategies'])})")
 
 

@@ -735,6 +735,9 @@ def preflight(root: Path = Path("."), params_path: str | Path = "params.yaml") -
                              trust_remote_code=p["teacher"]["trust_remote_code"] and p["student"]["trust_remote_code"])
         except KdError as e:
             raise KdError(f"params `teacher.model` / `student.model`: {e}") from None
+    from kd.prompting import check_context
+
+    check_context(p, root)  # instruction/templates vs the materialised models' context sizes
     return p
 
 
