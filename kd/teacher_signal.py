@@ -235,7 +235,7 @@ class TeacherSignal:
         self.by_id = {e["id"]: e for e in m["examples"]}
         self._open: dict[int, object] = {}
 
-    def _check_shard(self, f: Path, rows: int, width: int | None, rerun: str) -> None:
+    def _check_shard(self, f: Path, rows: int, width: int | str | None, rerun: str) -> None:
         """Tensor names and shapes from the shard's header: exactly this format's tensors, `rows` rows each."""
         from kd.loading import check_safetensors
 
@@ -243,7 +243,7 @@ class TeacherSignal:
         shapes = {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
         if width is None:  # topk without a recorded top_k: the stored width, at most the vocabulary
             got = (shapes.get("topk_values") or [0, 0])[1:2]
-            width = got[0] if got and 0 < got[0] <= self.manifest["vocab_size"] else -1
+            width = got[0] if got and 0 < got[0] <= self.manifest["vocab_size"] else "top_k"
         want = {"hidden": {"hidden": [rows, width]}, "full": {"logits": [rows, width]},
                 "topk": {"topk_values": [rows, width], "topk_indices": [rows, width], "tail_mean": [rows]}}[self.fmt]
         if shapes != want:

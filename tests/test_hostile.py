@@ -537,7 +537,7 @@ def test_edited_manifest_in_a_stage_process(run):
     path, m = _manifest(run)
     m["format"] = "topk"
     path.write_text(json.dumps(m))
-    one_line_error(sub(run, "stages/distill.py", S), "manifest.json", f"logits@{S}")
+    one_line_error(sub(run, "stages/distill.py", S), "holds tensors", f"dvc repro logits@{S}")
 
 
 def test_missing_teacher_config_at_distill(run):
