@@ -28,8 +28,11 @@ def handle(call) -> None:
         sys.exit(2)
     except click.exceptions.Abort:
         sys.exit(1)
-    except click.exceptions.ClickException as e:  # usage errors: click's own message, exit 2
-        e.show()
+    except click.exceptions.ClickException as e:  # usage errors (exit 2): one line too, `--help` says the rest
+        if debug():
+            raise
+        hint = " (see --help)" if isinstance(e, click.exceptions.UsageError) else ""
+        print(f"error: {' '.join(e.format_message().split())}{hint}", file=sys.stderr)
         sys.exit(e.exit_code)
     except (SystemExit, KeyboardInterrupt):
         raise
