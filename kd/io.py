@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+import yaml
+
 from kd.errors import ArtefactError, KdError
 
 
@@ -123,42 +125,34 @@ def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str,
 YAML_MAX_BYTES = 1 << 20  # params.yaml / strategies.yaml are hand-written: a megabyte is already absurd
 
 
-def _strict_loader():
-    import yaml
+class StrictSafeLoader(yaml.SafeLoader):
+    """SafeLoader that refuses what a hand-written config never needs and an attacker loves: anchors and aliases
+    (a "billion laughs" expands a few lines into gigabytes) and duplicate keys (the last one would silently win)."""
 
-    class StrictLoader(yaml.SafeLoader):
-        """SafeLoader that refuses what a hand-written config never needs and an attacker loves: anchors and
-        aliases (a "billion laughs" expands a few lines into gigabytes) and duplicate keys (the last one would
-        silently win)."""
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.MarkedYAMLError(None, None, "anchors and aliases (&name / *name) are not allowed",
+                                       event.start_mark)
+        return super().compose_node(parent, index)
 
-        def compose_node(self, parent, index):
-            event = self.peek_event()
-            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-                raise yaml.MarkedYAMLError(None, None, "anchors and aliases (&name / *name) are not allowed",
-                                           event.start_mark)
-            return super().compose_node(parent, index)
-
-        def construct_mapping(self, node, deep=False):
-            seen = set()
-            for key_node, _ in node.value:
-                key = self.construct_object(key_node, deep=True)
-                try:
-                    dup = key in seen
-                except TypeError:  # an unhashable key: let PyYAML report it
-                    break
-                if dup:
-                    raise yaml.MarkedYAMLError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-                seen.add(key)
-            return super().construct_mapping(node, deep=deep)
-
-    return StrictLoader
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                dup = key in seen
+            except TypeError:  # an unhashable key: PyYAML reports it below
+                break
+            if dup:
+                raise yaml.MarkedYAMLError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def read_yaml(path: str | os.PathLike, missing: str) -> Any:
     """Parse a hand-written YAML file strictly (safe types only, no aliases, no duplicate keys, at most 1 MiB).
     Every problem is one KdError line naming the file, line and column. `missing`: what to do when it is absent."""
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise KdError(f"{path}: {'is not a file' if path.exists() else 'missing'} ({missing})")
@@ -169,7 +163,7 @@ def read_yaml(path: str | os.PathLike, missing: str) -> Any:
     except UnicodeDecodeError as e:
         raise KdError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
-        return yaml.load(text, Loader=_strict_loader())  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=StrictSafeLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)  # one line: where, and what (PyYAML's str() spans several)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

@@ -184,12 +184,22 @@ class TeacherSignal:
                     and _is_int(sh.get("rows"), 1) and isinstance(sh.get("sha256"), str)
                     and _HEX64.fullmatch(sh["sha256"])):
                 raise bad(f"shard entry {i} is not {{file: shard-{i:05d}.safetensors, rows: >0, sha256: <hex>}}")
-        shard, offset = 0, 0
         for e in m["examples"]:
             if not (isinstance(e, dict) and _is_int(e.get("id")) and _is_int(e.get("shard")) and _is_int(e.get("rows"))
                     and _is_int(e.get("offset")) and isinstance(e.get("response_sha256"), str)):
                 raise bad(f"example entry {str(e)[:80]} lacks an integer id/shard/offset/rows or response_sha256")
-            if e["shard"] == shard + 1 and offset == m["shards"][shard]["rows"]:
+        ids = [e["id"] for e in m["examples"]]
+        want = [r["id"] for r in responses]
+        if ids != want:
+            raise bad(f"example ids {ids[:5]}... do not match the teacher responses' ids {want[:5]}... "
+                      "(stale logits?)")
+        for e, r in zip(m["examples"], responses):
+            if e["rows"] != len(r["response_ids"]) or e["response_sha256"] != ids_sha256(r["response_ids"]):
+                raise bad(f"example {e['id']} was computed for a different response "
+                          f"(rows {e['rows']} vs {len(r['response_ids'])} tokens)")
+        shard, offset = 0, 0
+        for e in m["examples"]:
+            if shard < len(m["shards"]) and e["shard"] == shard + 1 and offset == m["shards"][shard]["rows"]:
                 shard, offset = shard + 1, 0
             if e["shard"] != shard or e["offset"] != offset or shard >= len(m["shards"]):
                 raise bad(f"example {e['id']} is at shard {e['shard']} offset {e['offset']}, but the examples before "
@@ -201,15 +211,6 @@ class TeacherSignal:
             raise bad(f"the examples cover {shard + 1} shard(s) up to row {offset}, the manifest lists "
                       f"{len(m['shards'])} shard(s) of which the last has {m['shards'][-1]['rows']} rows")
 
-        ids = [e["id"] for e in m["examples"]]
-        want = [r["id"] for r in responses]
-        if ids != want:
-            raise bad(f"example ids {ids[:5]}... do not match the teacher responses' ids {want[:5]}... "
-                      "(stale logits?)")
-        for e, r in zip(m["examples"], responses):
-            if e["rows"] != len(r["response_ids"]) or e["response_sha256"] != ids_sha256(r["response_ids"]):
-                raise bad(f"example {e['id']} was computed for a different response "
-                          f"(rows {e['rows']} vs {len(r['response_ids'])} tokens)")
         self.weight = None
         if self.fmt == "hidden":
             if teacher_dir is None:
