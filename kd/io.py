@@ -170,6 +170,8 @@ def read_yaml(path: str | os.PathLike, missing: str) -> Any:
         raise KdError(f"{path}: not valid YAML ({where}{getattr(e, 'problem', None) or e})") from None
     except RecursionError:
         raise KdError(f"{path}: nested too deeply to be a config file") from None
+    except (ValueError, OverflowError) as e:  # e.g. an integer of thousands of digits
+        raise KdError(f"{path}: a value cannot be read ({str(e).split(';')[0]})") from None
 
 
 def cache_root() -> Path:

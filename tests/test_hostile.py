@@ -626,3 +626,35 @@ def test_tracebacks_only_under_kd_debug(tmp_path):
     one_line_error(res, "internal error KeyError", "KD_DEBUG=1", code=1)
     res = sub(ROOT, "-c", code, env={"KD_DEBUG": "1"})
     assert res.returncode == 1 and "Traceback" in res.stderr
+
+
+def _bomb() -> str:
+    return "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+
+
+HOSTILE_PARAMS = {
+    "billion-laughs": (_bomb(), "anchors and aliases"),
+    "merge-key-alias": ("base: &b {seed: 1}\nother:\n  <<: *b\n", "anchors and aliases"),
+    "deep-nesting": ("seed: " + "[" * 20000 + "]" * 20000 + "\n", "params.yaml"),
+    "duplicate-nested-key": (None, "duplicate key 'lr'"),
+    "two-megabytes": ("# " + "x" * (2 << 20) + "\n", "at most 1048576 bytes"),
+    "not-utf8": (b"seed: \xff\xfe\n", "not UTF-8"),
+    "python-object-tag": ("seed: !!python/object/apply:os.system ['touch pwned']\n", "not valid YAML"),
+    "huge-number": (None, "params.yaml: a value cannot be read"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_PARAMS), ids=list(HOSTILE_PARAMS))
+def test_hostile_params_files_through_the_cli(proj, case):
+    """Hostile params.yaml files through `kd validate` as a process under the memory limit: one `error:` line
+    naming the file or key, exit 2; nothing is executed (no `pwned` file) and nothing outside changes."""
+    text, expect = HOSTILE_PARAMS[case]
+    good = (proj / "params.yaml").read_text()
+    if case == "duplicate-nested-key":
+        text = good.replace("  lr:", "  lr: 0.5\n  lr:", 1)
+    if case == "huge-number":
+        text = good.replace("seed: 0", "seed: " + "9" * 5000, 1)
+    (proj / "params.yaml").write_bytes(text if isinstance(text, bytes) else text.encode())
+    one_line_error(sub(proj, "-m", "kd.cli", "validate"), expect)
+    assert not (proj / "pwned").exists()
