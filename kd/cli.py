@@ -68,7 +68,7 @@ def validate(path):
     from kd.prompting import check_context
 
     p = load_params(path)
-    check_context(p, Path.cwd())  # where models/<role> exist: does the shortest prompt fit their context?
+    check_context(p, Path.cwd(), current_only=True)  # where models/<role> exist: does the shortest prompt fit their context?
     click.echo(f"{path}: ok (profile {p['profile']}, strategies {', '.join(p['prompting']['strategies'])})")
 
 

@@ -4,7 +4,6 @@ split into integer-id'd transfer / validation / eval sets."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import subprocess

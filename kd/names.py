@@ -53,7 +53,7 @@ def profile(name: object) -> str:
 
 def stage_arg(kind: str, name: str, listed: list[str], key: str) -> str:
     """At a stage entry (run by DVC or by hand): the argument is safe and listed in params."""
-    if not (is_strategy if kind == "strategy" else is_model)(name):
+    if not (is_strategy(name) or is_model(name)):  # checked again here: a stage can be run by hand
         raise KdError(f"the stage argument {_show(name)} is not a safe {kind} name "
                       f"(allowed: {STRATEGY_RULE if kind == 'strategy' else 'teacher, student, kd-<strategy>'})")
     if name not in listed:

@@ -120,15 +120,27 @@ def context_size(model_dir: str | Path) -> int | None:
     return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
 
+def _built_from(folder: Path) -> str | None:
+    """The model spec a models/<role> folder was materialised from (its kd_model.json), if it says."""
+    import json
+
+    try:
+        return json.loads((folder / "kd_model.json").read_text(encoding="utf-8")).get("spec")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def check_context(params: dict, root: str | Path = ".", tokenizers: dict | None = None,
-                  uses: tuple[str, ...] = ("teacher", "distill", "eval"), eval_models: list[str] | None = None) -> None:
+                  uses: tuple[str, ...] = ("teacher", "distill", "eval"), eval_models: list[str] | None = None,
+                  current_only: bool = False) -> None:
     """Refuse an instruction or template so long that even an empty question's prompt, plus what must be generated
     after it, does not fit the model's context (config max_position_embeddings):
       teacher: each strategy's teacher prompt + teacher.max_new_tokens, in models/teacher;
       distill: the student's prompt + one response token, in models/student;
       eval:    the evaluation prompt + eval.max_new_tokens, in each evaluated model's base (teacher or student).
     Uses the materialised folders' tokenizers (pass loaded ones in `tokenizers`, by role); a folder that does not
-    exist yet is skipped (its stage checks it at entry, before loading weights)."""
+    exist yet is skipped (its stage checks it at entry, before loading weights). current_only (for checks before
+    `dvc repro`): also skip a folder materialised from another spec than params `<role>.model` (it will be rebuilt)."""
     from kd.errors import ParamError
 
     root = Path(root)
@@ -151,7 +163,7 @@ def check_context(params: dict, root: str | Path = ".", tokenizers: dict | None 
     for role, what, text, key, new in checks:
         folder = root / "models" / role
         ctx = context_size(folder)
-        if ctx is None:
+        if ctx is None or (current_only and _built_from(folder) != params[role]["model"]):
             continue
         if role not in toks:
             from kd.loading import load_tokenizer

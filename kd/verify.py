@@ -737,7 +737,7 @@ def preflight(root: Path = Path("."), params_path: str | Path = "params.yaml") -
             raise KdError(f"params `teacher.model` / `student.model`: {e}") from None
     from kd.prompting import check_context
 
-    check_context(p, root)  # instruction/templates vs the materialised models' context sizes
+    check_context(p, root, current_only=True)  # instruction/templates vs the materialised models' context sizes
     return p
 
 
@@ -798,6 +798,8 @@ def _same(root: Path, snap: Snapshot, out: str) -> bool:
     """Does output `out` hold exactly the snapshot's files, byte for byte?"""
     from kd.io import sha256_file
 
+    if not (root / out).exists():
+        return False
     want = {f: h for f, (h, _, _) in snap.files.items() if f == out or f.startswith(out + "/")}
     have = [str(p.relative_to(root)) for p in _files_under(root / out)]
     if set(have) != set(want) or (root / out).is_file() != (out in want):
