@@ -188,6 +188,9 @@ def cache_root() -> Path:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise KdError(f"{where}: cannot create it ({e.strerror}); point KD_CACHE at a writable folder") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise KdError(f"{where} is not writable; point KD_CACHE at a writable folder")
+    try:  # a real write: os.access says yes to root even on a read-only file system
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise KdError(f"{where} is not writable ({e.strerror}); point KD_CACHE at a writable folder") from None
     return path
