@@ -169,7 +169,9 @@ def select():
 @select.command("instruction")
 @click.option("--strategy", "strategies", multiple=True,
               help="Strategies to measure under (repeatable; default: every strategy of the profile).")
-def select_instruction(strategies):
+@click.option("--candidate", "candidates", multiple=True,
+              help="Candidates to measure (repeatable; default all). Earlier measurements of this profile are kept.")
+def select_instruction(strategies, candidates):
     """Teacher accuracy on the validation questions under each candidate answer-format instruction (kd/select.py).
     Needs models/teacher and data/prepared (`dvc repro model@teacher prepare`)."""
     from kd.params import load_params
@@ -180,7 +182,12 @@ def select_instruction(strategies):
     if bad:
         raise KdError(f"--strategy {bad[0]!r} is not in prompting.strategies "
                       f"(allowed: {', '.join(p['prompting']['strategies'])})")
-    sel = run(p, Path.cwd(), list(strategies) or None, echo=click.echo)
+    from kd.select import INSTRUCTIONS
+
+    bad = [c for c in candidates if c not in INSTRUCTIONS]
+    if bad:
+        raise KdError(f"--candidate {bad[0]!r} is not a candidate (allowed: {', '.join(INSTRUCTIONS)})")
+    sel = run(p, Path.cwd(), list(strategies) or None, list(candidates) or None, echo=click.echo)
     click.echo(f"{sel['decision']}\nset prompting.instruction to: {sel['best']!r}")
 
 

@@ -385,19 +385,20 @@ def test_failed_distill_keeps_the_previous_training_curves(run):
     """distill used to delete reports/distill/<s> before training; a failure then lost the curves."""
     before = tree_digest(run, [f"reports/distill/{S}", f"models/kd-{S}", f"metrics/distill/{S}.json"])
     assert any(k.startswith(f"reports/distill/{S}/") for k in before)
-    mod = stage_module("distill")
-    real = mod.train
+    import kd.trainer
+
+    real = kd.trainer.train
 
     def failing(model, examples, teacher, cfg, alpha, temperature, seed, ckpt, every, on_step, **kw):
         on_step(1, {"loss": 1.0, "ce": 1.0, "kd": 0.0, "lr": 0.1})
         raise KdError("training failed half-way (test)")
 
-    mod.train = failing
+    kd.trainer.train = failing
     try:
         with pytest.raises(KdError, match="half-way"):
             in_stage(run, "distill", S, trap=False)
     finally:
-        mod.train = real
+        kd.trainer.train = real
     assert tree_digest(run, [f"reports/distill/{S}", f"models/kd-{S}", f"metrics/distill/{S}.json"]) == before
     assert not list((run / "reports/distill").glob(".*.tmp")), "the temp curves folder was left behind"
 
