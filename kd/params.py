@@ -118,6 +118,7 @@ SCHEMA: dict[str, Any] = {
     "eval": {"models": _str_list, "limit": _optional(_int(1, 10**7)), "max_new_tokens": _int(1, 32768),
              "batch_size": _int(1, 4096)},
     "report": {"attention_prompts": _int(1, 256)},
+    "compute": {"portable": _bool},  # kd/portable.py
 }
 
 
@@ -154,6 +155,11 @@ def validate(data: Any, root: str | Path = ".") -> dict:
     for m in p["eval"]["models"]:
         if m not in allowed:
             raise ParamError("eval.models", f"names {m!r}", ", ".join(allowed))
+    if p["compute"]["portable"]:
+        for role in ("teacher", "student"):
+            if p[role]["dtype"] != "float32":
+                raise ParamError(f"{role}.dtype", "must be float32 with compute.portable: true (bf16 matmul kernels "
+                                 "round differently on different CPUs; docs/reproducibility.md)", "float32")
     if p["distill"]["lora"]["r"] > 4096:
         raise ParamError("distill.lora.r", "is too large", "an integer in [1, 4096]")
     try:

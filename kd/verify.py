@@ -347,6 +347,9 @@ INVALIDATION: list[Change] = [
     Change("kd/tasks/gsm8k_kd.yaml", None, ("eval@*",)),
     Change("kd/models.yaml", None, ("model@*",)),
     Change("kd/attention.py", None, ("report",)),
+    Change("compute.portable", True, (*S_ALL, *EVAL_ALL), why="ISA caps for every stage that runs model math"),
+    Change("kd/environment.py", None, (*S_ALL, *EVAL_ALL, "report")),
+    Change("kd/portable.py", None, (*S_ALL, *EVAL_ALL)),
 ]
 
 # kd modules a stage may import without declaring them: shared plumbing that validates input or writes files the same

@@ -4,6 +4,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's `kd`
+import kd.portable; kd.portable.apply()  # noqa: E402,E702 - compute.portable: ISA caps, before torch loads
 
 import hashlib
 import json
@@ -16,6 +17,7 @@ from tqdm import tqdm
 
 from kd.cli_util import run_stage
 from kd.distill import Checkpoint, build_examples, summarise, train
+from kd.environment import record_environment
 from kd.errors import KdError
 from kd.io import atomic_path, read_jsonl, sha256_file, write_json
 from kd.loading import load_model, load_tokenizer
@@ -85,6 +87,7 @@ def main(strategy):
                "response_tokens": sum(e.response_len for e in examples), "kd_width": vocab["kd_width"],
                "trainable_params": sum(q.numel() for q in model.parameters() if q.requires_grad)}
     write_json(f"metrics/distill/{strategy}.json", summary)
+    record_environment(f"distill-{strategy}")  # environment/distill-<s>.json: the lineage beyond params + code
     shutil.rmtree(work, ignore_errors=True)
     print(f"distill@{strategy}: {summary['steps']} steps over {len(examples)} examples "
           f"({summary['response_tokens']} response tokens, {len(skipped)} skipped), final loss "

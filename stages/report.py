@@ -26,6 +26,9 @@ def main(no_attention):
     seed_everything(p["seed"])
     rows = [] if no_attention else attention_rows(p)
     m = write_report(p, rows)
+    from kd.environment import write_headline
+
+    write_headline()  # metrics/environment.json from environment/*.json: `dvc metrics diff` shows another machine
     best = m.get("best_kd_strategy")
     print(f"report: reports/index.md, {len(rows)} attention rows"
           + (f", best KD strategy {best}" if best else "") + f" ({time.time() - t0:.1f} s)")
