@@ -29,7 +29,8 @@ PACKAGES = ("torch", "transformers", "peft", "lm_eval", "dvc", "accelerate", "sa
 # with two different ones), and CUBLAS_WORKSPACE_CONFIG is set by kd.seeding itself.
 _ENV_VARS = re.compile(r"^(ONEDNN_.*|DNNL_.*|MKL_.*|OMP_.*|KMP_.*|ATEN_CPU_CAPABILITY|TORCH_.*|CUDA_VISIBLE_DEVICES"
                        r"|KD_.*)$")
-_ENV_SKIP = {"KD_TORCH", "KD_TORCH_INDEX"}  # installer inputs; the installed torch version is recorded instead
+# installer inputs (the installed torch is recorded instead), and a flag a library sets inside the process
+_ENV_SKIP = {"KD_TORCH", "KD_TORCH_INDEX", "KMP_DUPLICATE_LIB_OK"}
 
 
 def _cpu() -> dict:
@@ -68,7 +69,6 @@ def _torch() -> dict:
         "mkldnn": bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled),
         "onednn_version": dnnl.group(1) if dnnl else None,
         "mkl_version": mkl.group(1) if mkl else None,
-        "deterministic": torch.are_deterministic_algorithms_enabled(),
         "cuda": torch.version.cuda,
     }
     if torch.cuda.is_available():
