@@ -74,7 +74,8 @@ def test_verify_committed_identical_then_defect_then_drift(pushed):
     rows = [json.loads(x) for x in resp.read_text().splitlines()]
     rows[0]["response_ids"] = rows[0]["response_ids"][:-1]
     resp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-    run(["dvc", "commit", "-qf", "teacher@none"], a, env)
+    run(["dvc", "commit", "-f", "-q", "teacher@none"], a, env)
+    run(["dvc", "push", "-q"], a, env)  # the clone pulls from the remote
     run(["git", "commit", "-qam", "perturbed"], a, env)
     checks = verify_committed(a, ["teacher@none"], workdir=base, echo=lambda s: None)
     assert checks[0].verdict.startswith("DIFFERS") and exit_code(checks) == 1, render(checks)
@@ -85,7 +86,7 @@ def test_verify_committed_identical_then_defect_then_drift(pushed):
     e = json.loads(envf.read_text())
     e["cpu"]["model"] = "Another CPU"
     envf.write_text(json.dumps(e, indent=2, sort_keys=True) + "\n")
-    run(["dvc", "commit", "-qf", "teacher@none"], a, env)
+    run(["dvc", "commit", "-f", "-q", "teacher@none"], a, env)
     run(["git", "commit", "-qam", "other machine"], a, env)
     checks = verify_committed(a, ["teacher@none"], workdir=base, echo=lambda s: None)
     c = checks[0]
