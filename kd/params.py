@@ -158,8 +158,9 @@ def validate(data: Any, root: str | Path = ".") -> dict:
     if p["compute"]["portable"]:
         for role in ("teacher", "student"):
             if p[role]["dtype"] != "float32":
-                raise ParamError(f"{role}.dtype", "must be float32 with compute.portable: true (bf16 matmul kernels "
-                                 "round differently on different CPUs; docs/reproducibility.md)", "float32")
+                raise ParamError("compute.portable", f"is true, which needs {role}.dtype float32, not "
+                                 f"{p[role]['dtype']} (bf16 matmul kernels round differently on different CPUs; "
+                                 "docs/reproducibility.md)", "false, or true with float32 teacher and student dtypes")
     if p["distill"]["lora"]["r"] > 4096:
         raise ParamError("distill.lora.r", "is too large", "an integer in [1, 4096]")
     try:

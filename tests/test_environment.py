@@ -65,7 +65,7 @@ def _tiny_params() -> dict:
 def test_portable_needs_float32_dtypes():
     p = _tiny_params()
     p["compute"]["portable"] = True
-    with pytest.raises(ParamError, match=r"`teacher.dtype` must be float32 with compute.portable"):
+    with pytest.raises(ParamError, match=r"`compute.portable` is true, which needs teacher.dtype float32, not bfloat16"):
         validate(p, ROOT)
     p["teacher"]["dtype"] = p["student"]["dtype"] = "float32"
     assert validate(p, ROOT)["compute"]["portable"] is True
