@@ -119,3 +119,23 @@ def test_eval_rows_compare_words():
     b = {0: {"response": "x = 4 so #### 4", "correct_strict": False, "correct_flexible": False}}
     d = drift_report(a, b)
     assert d["median_first_divergence"] == 2 and d["token_agreement"] == pytest.approx(2 / 6)
+
+
+def test_verify_committed_without_a_remote(tmp_path):
+    """No DVC remote: the checkout's own cache serves the pull; a fresh clone with an empty cache recomputes the
+    inputs and compares by dvc.lock hash (the acceptance case: `kd verify --committed` on a fresh clone)."""
+    src = tmp_path / "src"
+    env = tool_env(root=src)
+    make_copy(ROOT, src, "tiny", env)
+    run(["dvc", "repro", "teacher@none"], src, env, timeout=1800)
+    run(["git", "add", "-A"], src, env)
+    run(["git", "commit", "-qm", "teacher@none"], src, env)
+    checks = verify_committed(src, ["teacher@none"], workdir=tmp_path, echo=lambda s: None)
+    assert [c.verdict for c in checks] == ["identical"], render(checks)
+
+    fresh = tmp_path / "fresh"
+    run(["git", "clone", "-q", str(src), str(fresh)], tmp_path, env)  # no outputs, no cache, no remote
+    said = []
+    checks = verify_committed(fresh, ["teacher@none"], workdir=tmp_path, echo=said.append)
+    assert [c.verdict for c in checks] == ["identical"] and exit_code(checks) == 0, render(checks)
+    assert any("could not pull" in s for s in said)
