@@ -130,6 +130,7 @@ SCHEMA: dict[str, Any] = {
     "eval": {"limit": _optional(_int(1, 10**7)), "max_new_tokens": _int(1, 32768),
              "batch_size": _int(1, 4096)},
     "report": {"attention_prompts": _int(1, 256)},
+    "compute": {"portable": _bool},  # kd/portable.py
 }
 
 
@@ -162,6 +163,12 @@ def validate(data: Any, root: str | Path = ".") -> dict:
         if s not in strategies:
             raise ParamError("prompting.strategies", f"names unknown strategy {s!r}",
                              ", ".join(strategies) + f" (defined in {p['prompting']['file']})")
+    if p["compute"]["portable"]:
+        for role in ("teacher", "student"):
+            if p[role]["dtype"] != "float32":
+                raise ParamError("compute.portable", f"is true, which needs {role}.dtype float32, not "
+                                 f"{p[role]['dtype']} (bf16 matmul kernels round differently on different CPUs; "
+                                 "docs/reproducibility.md)", "false, or true with float32 teacher and student dtypes")
     if p["distill"]["lora"]["r"] > 4096:
         raise ParamError("distill.lora.r", "is too large", "an integer in [1, 4096]")
     try:
