@@ -187,8 +187,10 @@ def select_targets(p: dict, root: Path, strategy: str, echo: Callable[[str], Non
             if pvalue < 0.05 and gain > best_gain:
                 best, best_gain = pair, gain
         table.append([pair[0], pair[1], str(kept_n[pair]), f"{mean:.4f}", pv])
-    block = {"title": f"Training targets: students distilled on teacher@{strategy}'s responses, validation gold "
-                      "NLL per token (lower is better; Wilcoxon signed-rank vs gold/all over the questions)",
+    which = next((k for k, v in INSTRUCTIONS.items() if v == instruction), None)
+    block = {"title": f"Training targets: students distilled on teacher@{strategy}'s responses (instruction "
+                      f"{'`' + which + '`' if which else repr(instruction)}), validation gold NLL per token (lower is "
+                      "better; Wilcoxon signed-rank vs gold/all over the questions)",
              "headers": ["hard target", "response filter", "responses kept", "gold NLL / token", "p vs gold/all"],
              "rows": table}
     decision = (f"Targets: hard target `{best[0]}`, response filter `{best[1]}` "
