@@ -196,16 +196,18 @@ class Trials:
         model = self.student(values)
         from kd.distill import example_loss
 
-        ex = self.examples[0]
-        signal = self.signal
-        t0 = time.perf_counter()
-        losses = example_loss(model, ex, lambda a, b: signal.logits(ex.id, a, b), 0.5, 2.0, self.p["distill"]["loss"],
-                              self.p["distill"]["hard_target"], self.p["distill"]["kd_chunk"], self.vocab["kd_width"])
-        losses["loss"].backward()
-        t_step = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        self.nll(model)
-        return {"step_s": t_step, "nll_s": time.perf_counter() - t0}
+        signal, d = self.signal, self.p["distill"]
+        t_step, t_nll = [], []
+        for ex in self.examples[:2]:  # the first call of each pays one-off costs: keep the faster
+            t0 = time.perf_counter()
+            losses = example_loss(model, ex, lambda a, b, i=ex.id: signal.logits(i, a, b), 0.5, 2.0, d["loss"],
+                                  d["hard_target"], d["kd_chunk"], self.vocab["kd_width"])
+            losses["loss"].backward()
+            t_step.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            self.nll(model)
+            t_nll.append(time.perf_counter() - t0)
+        return {"step_s": min(t_step), "nll_s": min(t_nll)}
 
     def objective(self, echo: Callable[[str], None], n_total: int) -> Callable:
         import optuna
@@ -216,7 +218,10 @@ class Trials:
             t0 = time.perf_counter()
             values = suggest(trial, self.p)
             trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-            retry = trial.system_attrs.get("failed_trial")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                retry = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(
+                    trial.storage.get_trial(trial._trial_id))  # set when this trial re-runs a killed one
             shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
             echo(f"trial {trial.number}{f' (retry of {retry})' if retry is not None else ''}: {shown}")
             model = self.student(values)
@@ -253,8 +258,9 @@ class Trials:
             seconds = time.perf_counter() - t0
             trial.set_user_attr("seconds", seconds)
             done = len(finished(trial.study)) + 1
-            echo(f"trial {trial.number}: {objective_label(objective)} {value:.4f} (gold NLL {last['nll']:.4f}), "
-                 f"{seconds:.1f} s [{done}/{n_total} finished]")
+            nll = f" (gold NLL {last['nll']:.4f})" if objective != "nll" else ""
+            echo(f"trial {trial.number}: {objective_label(objective)} {value:.4f}{nll}, {seconds:.1f} s "
+                 f"[{done}/{n_total} finished]")
             return value
 
         return run
@@ -270,6 +276,7 @@ def run_study(p: dict, root: Path = Path("."), *, n_trials: int | None = None, t
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own progress line per trial instead
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     t = p["tune"]
     n_total = n_trials or t["n_trials"]
     timeout = timeout if timeout is not None else t["timeout"]
@@ -369,10 +376,10 @@ def markdown(s: dict) -> str:
              (f" Mean cost of a complete trial: {s['seconds_per_trial']:.1f} s." if s["seconds_per_trial"] else ""), ""]
     if "best" in s:
         b = s["best"]
+        other = ", ".join(f"{k}={v:.4g}" for k, v in b["params"].items() if k not in ("alpha", "temperature"))
         lines += ["| | alpha | temperature | other | trials | split |", "|---|---|---|---|---|---|",
                   f"| this study (trial {b['trial']}) | {b['params']['alpha']:.3f} | {b['params']['temperature']:.2f} "
-                  f"| {', '.join(f'{k}={v:.4g}' for k, v in b['params'].items() if k not in ('alpha', 'temperature'))"
-                  f" or '—'} | {c['complete'] + c['pruned']} | validation |",
+                  f"| {other or '—'} | {c['complete'] + c['pruned']} | validation |",
                   f"| paper | {PAPER['alpha']:.3f} | {PAPER['temperature']:.2f} | — | {PAPER['trials']} | test |", "",
                   f"Best objective value: {b['value']:.4f}."
                   + (f" Validation strict accuracy {100 * b['accuracy_strict']:.1f} %." if "accuracy_strict" in b
