@@ -461,6 +461,8 @@ def apply_best(root: Path = Path("."), params_path: str = "params.yaml") -> dict
     yaml = YAML()  # round-trip: comments, key order, flow lists kept
     yaml.preserve_quotes = True
     yaml.width = 4096
+    yaml.representer.add_representer(  # keep `null` written as null, not as an empty value
+        type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     path = root / params_path
     doc = yaml.load(path.read_text(encoding="utf-8"))
     changes = {}
