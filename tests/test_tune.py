@@ -78,19 +78,26 @@ def test_three_trial_study(project):
     p = params(project, storage="sqlite:///tune/three.db")
     out = kd(project, "tune").communicate(timeout=600)[0]
     assert "expected wall time: 3 trial(s)" in out, out
-    assert [line.split(":")[0] for line in out.splitlines() if "finished]" in line] == \
+    assert [line.split(":")[0] for line in out.splitlines() if "finished]" in line or "pruned at" in line] == \
         ["trial 0", "trial 1", "trial 2"], out
     ts = trials(project, p)
-    assert [t.state.name for t in ts] == ["COMPLETE"] * 3
-    for t in ts:
+    done = [t for t in ts if t.state == optuna.trial.TrialState.COMPLETE]
+    assert [t.number for t in done][:2] == [0, 1] and len(counted(ts)) == 3  # startup trials are never pruned
+    for t in done:
         assert sorted(t.intermediate_values) == [2, 4, 6, 8]  # every report_every steps, kept in the database
         assert t.value == pytest.approx(t.intermediate_values[8])  # the final gold NLL is the objective
+    for t in ts:
         assert 0 <= t.params["alpha"] <= 1 and 1 <= t.params["temperature"] <= 10
+        if t.state == optuna.trial.TrialState.PRUNED:  # the median rule, checked by hand at the step it stopped
+            step = max(t.intermediate_values)
+            earlier = sorted(d.intermediate_values[step] for d in done if d.number < t.number)
+            median = (earlier[(len(earlier) - 1) // 2] + earlier[len(earlier) // 2]) / 2
+            assert t.intermediate_values[step] > median
     assert len({(t.params["alpha"], t.params["temperature"]) for t in ts}) == 3
     m = json.loads((project / "metrics/tune.json").read_text())
-    best = min(ts, key=lambda t: t.value)
+    best = min(done, key=lambda t: t.value)
     assert m["best"]["trial"] == best.number and m["best"]["params"] == best.params
-    assert m["trials"]["complete"] == 3 and m["split"] == "validation" and m["validation_questions"] == 4
+    assert m["trials"]["complete"] == len(done) and m["split"] == "validation" and m["validation_questions"] == 4
     for name in ("history.png", "importance.png", "contour.png", "index.md"):
         assert (project / "reports/tune" / name).stat().st_size > 0
     assert "| paper | 0.609 | 5.94 |" in (project / "reports/tune/index.md").read_text()
@@ -130,7 +137,7 @@ def test_resume_after_sigkill(project):
     assert [t.number for t in failed] == [killed.number]
     assert failed[0].intermediate_values  # what the killed trial measured is kept for inspection
     retry = [t for t in ts if t.system_attrs.get("failed_trial") == killed.number]
-    assert len(retry) == 1 and retry[0].state == optuna.trial.TrialState.COMPLETE
+    assert len(retry) == 1 and retry[0] in counted(ts)
     assert retry[0].params == killed.params
     assert json.loads((project / "metrics/tune.json").read_text())["trials"]["fail"] == 1
 
