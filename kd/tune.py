@@ -69,13 +69,21 @@ def open_storage(url: str, heartbeat: int, root: Path = Path(".")):
         engine_kwargs = {"connect_args": {"timeout": 300}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        try:
-            return optuna.storages.RDBStorage(
-                url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
-        except ImportError as e:
-            raise KdError(f"tune.storage: the database driver for {parsed.drivername!r} is not installed ({e})") \
-                from None
+        from sqlalchemy.exc import IntegrityError, OperationalError
+
+        for attempt in range(5):
+            try:
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
+            except ImportError as e:
+                raise KdError(f"tune.storage: the database driver for {parsed.drivername!r} is not installed "
+                              f"({e})") from None
+            except (IntegrityError, OperationalError):
+                # two processes creating a new database's schema at once: the loser finds it made next time
+                if attempt == 4:
+                    raise
+                time.sleep(1 + attempt)
 
 
 def redact(url: str) -> str:
@@ -84,10 +92,8 @@ def redact(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def load_study(p: dict, root: Path = Path("."), seed_offset: int | None = None):
-    """Create or join the study. The TPE sampler is seeded with params `seed` + the number of trials the study
-    already holds: an uninterrupted single-process study is reproducible, and a second process joining it does not
-    propose the first one's points again."""
+def load_study(p: dict, root: Path = Path(".")):
+    """Create or join the study (the TPE sampler is seeded per trial: see `seed_sampler`)."""
     import optuna
 
     t = p["tune"]
@@ -97,14 +103,23 @@ def load_study(p: dict, root: Path = Path("."), seed_offset: int | None = None):
     name = study_name(p)
     study = optuna.create_study(storage=storage, study_name=name, direction="minimize", load_if_exists=True,
                                 pruner=pruner)
-    if seed_offset is None:
-        seed_offset = len(study.get_trials(deepcopy=False))
-    study.sampler = optuna.samplers.TPESampler(seed=p["seed"] + seed_offset)
+    study.sampler = optuna.samplers.TPESampler(seed=p["seed"])
     study.set_user_attr("objective", t["objective"])
     return study
 
 
+def seed_sampler(trial, seed: int) -> None:
+    """A TPE sampler seeded with `seed` + the trial's number, before the trial samples anything: a trial's values
+    depend only on the study's history and its number (a resumed or shared study is as reproducible as a fresh
+    one), and no two trials, in any process, share a seed (two workers started together would otherwise propose
+    the same points)."""
+    import optuna
+
+    trial.study.sampler = optuna.samplers.TPESampler(seed=seed + trial.number)
+
+
 def suggest(trial, p: dict) -> dict:
+    seed_sampler(trial, p["seed"])
     space = p["tune"]["space"]
     values = {"alpha": trial.suggest_float("alpha", *space["alpha"]),
               "temperature": trial.suggest_float("temperature", *space["temperature"], log=True)}
