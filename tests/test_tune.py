@@ -155,6 +155,18 @@ def test_two_workers_share_one_sqlite_study(project):
     assert len({(t.params["alpha"], t.params["temperature"]) for t in ts}) == len(ts)  # no point proposed twice
 
 
+def test_accuracy_objective_scores_validation_with_lm_eval(project):
+    p = params(project, storage="sqlite:///tune/accuracy.db", n_trials=1, objective="accuracy")
+    out = kd(project, "tune").communicate(timeout=600)[0]
+    assert "validation error (1 - strict accuracy)" in out and "[1/1 finished]" in out, out
+    (t,) = trials(project, p)
+    assert 0 <= t.user_attrs["accuracy_strict"] <= 1 and t.user_attrs["gold_nll"] > 0
+    assert t.value == pytest.approx(1 - t.user_attrs["accuracy_strict"])  # minimised error, not a loss
+    m = json.loads((project / "metrics/tune.json").read_text())
+    assert m["objective"] == "accuracy" and m["best"]["accuracy_strict"] == t.user_attrs["accuracy_strict"]
+    assert not (project / "data/prepared/eval.jsonl").exists()
+
+
 # ------------------------------------------------------------------------------ --apply and DVC experiments
 
 
