@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -38,9 +39,15 @@ def profile(name, force):
     """Write profiles/NAME.yaml into params.yaml (validated first)."""
     from kd.params import load_params
 
+    from kd.names import profile as profile_name
+
     root = Path.cwd()
+    try:
+        profile_name(name)  # a name, never a path: profiles/<name>.yaml is the only file this reads
+    except KdError as e:
+        raise KdError(f"{e} (allowed: {', '.join(_profiles(root))})") from None
     src = root / "profiles" / f"{name}.yaml"
-    if not src.exists():
+    if not src.is_file():
         raise KdError(f"profile {name!r} does not exist (allowed: {', '.join(_profiles(root))})")
     load_params(src)  # a profile that does not validate is never written
     dst = root / "params.yaml"
@@ -58,8 +65,10 @@ def profile(name, force):
 def validate(path):
     """Check every key of a params file; exit 2 naming the first bad key."""
     from kd.params import load_params
+    from kd.prompting import check_context
 
     p = load_params(path)
+    check_context(p, Path.cwd(), current_only=True)  # where models/<role> exist: does the shortest prompt fit their context?
     click.echo(f"{path}: ok (profile {p['profile']}, strategies {', '.join(p['prompting']['strategies'])})")
 
 
@@ -73,7 +82,7 @@ def validate(path):
 @click.option("--quick", is_flag=True,
               help="No runs: check invalidation and code deps on a placeholder project (seconds).")
 @click.option("--keep", is_flag=True, help="Keep the temporary project copies (their path is printed).")
-@click.option("--workdir", type=click.Path(file_okay=False), default=None,
+@click.option("--workdir", default=None,
               help="Where the copies go (default $TMPDIR).")
 def verify(profile_name, tolerance, rtol, atol, skip_invalidation, quick, keep, workdir):
     """Run the pipeline twice from scratch in temp copies; compare every output and metric; check that each
@@ -84,6 +93,14 @@ def verify(profile_name, tolerance, rtol, atol, skip_invalidation, quick, keep, 
         raise click.UsageError("--rtol/--atol need --tolerance")
     if quick and skip_invalidation:
         raise click.UsageError("--quick and --skip-invalidation leave nothing to check")
+    if workdir is not None and not Path(workdir).is_dir():
+        raise KdError(f"--workdir {workdir}: {'is not a folder' if Path(workdir).exists() else 'does not exist'} "
+                      "(create it, or leave --workdir out for $TMPDIR)")
+    if workdir is not None and not os.access(workdir, os.W_OK | os.X_OK):
+        raise KdError(f"--workdir {workdir}: not writable")
+    from kd.names import profile as check_profile
+
+    check_profile(profile_name)
     tol = (DEFAULT_RTOL if rtol is None else rtol, DEFAULT_ATOL if atol is None else atol) if tolerance else None
     root = Path.cwd() if (Path.cwd() / "dvc.yaml").exists() else ROOT
     v = run_verify(root, profile_name, tol, Path(workdir) if workdir else None, keep, not skip_invalidation,
@@ -152,7 +169,9 @@ def select():
 @select.command("instruction")
 @click.option("--strategy", "strategies", multiple=True,
               help="Strategies to measure under (repeatable; default: every strategy of the profile).")
-def select_instruction(strategies):
+@click.option("--candidate", "candidates", multiple=True,
+              help="Candidates to measure (repeatable; default all). Earlier measurements of this profile are kept.")
+def select_instruction(strategies, candidates):
     """Teacher accuracy on the validation questions under each candidate answer-format instruction (kd/select.py).
     Needs models/teacher and data/prepared (`dvc repro model@teacher prepare`)."""
     from kd.params import load_params
@@ -163,7 +182,12 @@ def select_instruction(strategies):
     if bad:
         raise KdError(f"--strategy {bad[0]!r} is not in prompting.strategies "
                       f"(allowed: {', '.join(p['prompting']['strategies'])})")
-    sel = run(p, Path.cwd(), list(strategies) or None, echo=click.echo)
+    from kd.select import INSTRUCTIONS
+
+    bad = [c for c in candidates if c not in INSTRUCTIONS]
+    if bad:
+        raise KdError(f"--candidate {bad[0]!r} is not a candidate (allowed: {', '.join(INSTRUCTIONS)})")
+    sel = run(p, Path.cwd(), list(strategies) or None, list(candidates) or None, echo=click.echo)
     click.echo(f"{sel['decision']}\nset prompting.instruction to: {sel['best']!r}")
 
 
@@ -237,16 +261,9 @@ def tune(n_trials, timeout, apply_, report_only):
 
 
 def main():
-    try:
-        cli(standalone_mode=False)
-    except KdError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
-    except click.exceptions.Abort:
-        sys.exit(1)
-    except click.exceptions.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
+    from kd.cli_util import handle
+
+    handle(lambda: cli(standalone_mode=False))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ split into integer-id'd transfer / validation / eval sets."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import subprocess
@@ -35,7 +34,9 @@ def pinned_sha256(requirement: str) -> str:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("KD_CACHE", Path.home() / ".cache" / "kd-prime"))
+    from kd.io import cache_root
+
+    return cache_root()  # $KD_CACHE, checked to be a writable folder
 
 
 def _rows_from_lines(lines: list[str], where: str) -> list[dict]:

@@ -61,7 +61,7 @@ def resolve_model(name: str, params: dict, models_dir: str | Path = MODELS_DIR) 
 
 def check_model_files(spec: ModelSpec) -> None:
     """Fail with a KdError (naming the stage to run) before lm-eval gets to see a half-made folder."""
-    from kd.loading import _check_dir
+    from kd.loading import _check_dir, check_safetensors
 
     _check_dir(spec.pretrained)
     if spec.peft is not None:
@@ -70,6 +70,7 @@ def check_model_files(spec: ModelSpec) -> None:
                 stage = "finetune" if spec.name == "finetune" else f"distill@{spec.name[len('kd-'):]}"
                 raise ArtefactError(f"{spec.peft}: not a LoRA adapter folder (no {f}); "
                                     f"run `dvc repro {stage}` first")
+        check_safetensors(spec.peft / "adapter_model.safetensors", f"re-run `dvc repro {stage}`")
 
 
 # ------------------------------------------------------------------------------------------------- data

@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+import yaml
+
 from kd.errors import ArtefactError, KdError
 
 
@@ -116,3 +118,79 @@ def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str,
 
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
+# --------------------------------------------------------------------------------------------- YAML, env
+
+YAML_MAX_BYTES = 1 << 20  # params.yaml / strategies.yaml are hand-written: a megabyte is already absurd
+
+
+class StrictSafeLoader(yaml.SafeLoader):
+    """SafeLoader that refuses what a hand-written config never needs and an attacker loves: anchors and aliases
+    (a "billion laughs" expands a few lines into gigabytes) and duplicate keys (the last one would silently win)."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.MarkedYAMLError(None, None, "anchors and aliases (&name / *name) are not allowed",
+                                       event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                dup = key in seen
+            except TypeError:  # an unhashable key: PyYAML reports it below
+                break
+            if dup:
+                raise yaml.MarkedYAMLError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | os.PathLike, missing: str) -> Any:
+    """Parse a hand-written YAML file strictly (safe types only, no aliases, no duplicate keys, at most 1 MiB).
+    Every problem is one KdError line naming the file, line and column. `missing`: what to do when it is absent."""
+    path = Path(path)
+    if not path.is_file():
+        raise KdError(f"{path}: {'is not a file' if path.exists() else 'missing'} ({missing})")
+    if path.stat().st_size > YAML_MAX_BYTES:
+        raise KdError(f"{path}: {path.stat().st_size} bytes; a config file may be at most {YAML_MAX_BYTES} bytes")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise KdError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        return yaml.load(text, Loader=StrictSafeLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)  # one line: where, and what (PyYAML's str() spans several)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise KdError(f"{path}: not valid YAML ({where}{getattr(e, 'problem', None) or e})") from None
+    except RecursionError:
+        raise KdError(f"{path}: nested too deeply to be a config file") from None
+    except (ValueError, OverflowError) as e:  # e.g. an integer of thousands of digits
+        raise KdError(f"{path}: a value cannot be read ({str(e).split(';')[0]})") from None
+
+
+def cache_root() -> Path:
+    """$KD_CACHE (default ~/.cache/kd-prime): where downloads are kept. Checked to be a writable folder, so a
+    mistake fails here in one line instead of deep inside pip or a download."""
+    raw = os.environ.get("KD_CACHE")
+    path = Path(raw).expanduser() if raw else Path.home() / ".cache" / "kd-prime"
+    where = f"KD_CACHE={raw}" if raw else f"the download cache {path}"
+    if raw is not None and not raw.strip():
+        raise KdError("KD_CACHE is set but empty; unset it or point it at a writable folder")
+    if path.exists() and not path.is_dir():
+        raise KdError(f"{where} is a file, not a folder; point KD_CACHE at a writable folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise KdError(f"{where}: cannot create it ({e.strerror}); point KD_CACHE at a writable folder") from None
+    try:  # a real write: os.access says yes to root even on a read-only file system
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise KdError(f"{where} is not writable ({e.strerror}); point KD_CACHE at a writable folder") from None
+    return path

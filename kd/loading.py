@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -13,16 +14,66 @@ from kd.errors import ArtefactError
 
 def _check_dir(path: str | Path) -> Path:
     path = Path(path)
-    if not (path / "config.json").exists():
+    if not (path / "config.json").is_file():
         raise ArtefactError(f"{path}: not a model folder (no config.json); run `dvc repro model@...` first")
-    if not any(path.glob("*.safetensors")):
+    try:
+        json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ArtefactError(f"{path}/config.json: not valid JSON ({e}); re-run `dvc repro model@...`") from None
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
         raise ArtefactError(f"{path}: no .safetensors weights (kd-prime loads safetensors only)")
+    for f in files:
+        check_safetensors(f)
     return path
+
+
+SAFETENSORS_MAX_HEADER = 100 << 20  # the format's own limit (100 MB)
+
+
+def check_safetensors(path: str | Path, rerun: str = "re-run the stage that wrote it") -> dict:
+    """Read and check a .safetensors file's header without loading any tensor: a JSON header whose tensors' byte
+    ranges exactly tile the rest of the file. Garbage, a truncated or a padded file is one ArtefactError.
+    Returns the header (name -> {dtype, shape, data_offsets})."""
+    path = Path(path)
+
+    def bad(why: str) -> ArtefactError:
+        return ArtefactError(f"{path}: not a valid safetensors file ({why}); {rerun}")
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise bad(f"{size} bytes, shorter than a header")
+        n = int.from_bytes(head, "little")
+        if n > min(size - 8, SAFETENSORS_MAX_HEADER):
+            raise bad(f"header length {n} does not fit the file")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError):
+            raise bad("header is not JSON") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    end = 0
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        offs = meta.get("data_offsets") if isinstance(meta, dict) else None
+        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)
+                and 0 <= offs[0] <= offs[1] and isinstance(meta.get("shape"), list)):
+            raise bad(f"tensor {name!r} has no valid shape/data_offsets")
+        end = max(end, offs[1])
+    if 8 + n + end != size:
+        raise bad(f"the header describes {8 + n + end} bytes, the file has {size}: truncated or altered")
+    return header
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    if not any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise ArtefactError(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json); "
+                            "run `dvc repro model@...` first")
     tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

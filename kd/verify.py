@@ -18,8 +18,10 @@
   DVC deletes a stage's outputs before running it: a stage that then fails would leave you without them (the cached
   ones can be restored with `dvc checkout`, the `cache: false` ones, metrics and reports, cannot). So `kd repro`
   first runs `preflight` (params, strategies, model specs, a local dataset, tokenizers of materialised models: each
-  a cheap check that names the key or file), and only then `dvc repro`; if a stage still fails, it puts the failed
-  stages' previous outputs back (`dvc checkout` + a snapshot of the uncached ones), consistent with dvc.lock.
+  a cheap check that names the key or file), snapshots every stage output (hard links + sha256), and only then runs
+  `dvc repro`; if a stage still fails, every stage that did not complete gets its outputs back byte for byte
+  (verified by hash; anything that could not be restored is named), consistent with dvc.lock. A file lock keeps a
+  second `kd repro` from snapshotting or restoring under a running one.
 """
 
 from __future__ import annotations
@@ -359,7 +361,8 @@ INVALIDATION: list[Change] = [
 # kd modules a stage may import without declaring them: shared plumbing that validates input or writes files the same
 # way for every stage. Declaring them everywhere would make any edit to them re-run the whole (hours-long) pipeline;
 # their behaviour is pinned by the unit tests and by `kd verify`'s two-run comparison instead.
-CODE_DEPS_OK = {"kd/__init__.py", "kd/errors.py", "kd/io.py", "kd/params.py", "kd/cli_util.py"}
+# kd/names.py only accepts or refuses a name (it never changes an output), like params.py's validation.
+CODE_DEPS_OK = {"kd/__init__.py", "kd/errors.py", "kd/io.py", "kd/params.py", "kd/cli_util.py", "kd/names.py"}
 # Per stage: modules its imports reach that cannot change its output (module -> why). Empty: every stage declares
 # exactly what it imports.
 STAGE_CODE_DEPS_OK: dict[str, dict[str, str]] = {}
@@ -706,6 +709,14 @@ def preflight(root: Path = Path("."), params_path: str | Path = "params.yaml") -
     root = Path(root)
     p = load_params(root / params_path, root=root)
     src = p["prepare"]["source"]
+    from kd.models import load_registry
+
+    registry = load_registry()
+    if src.startswith("pypi:") or any(registry.get(p[r]["model"], {}).get("source") not in (None, "random")
+                                      for r in ("teacher", "student")):
+        from kd.io import cache_root
+
+        cache_root()  # $KD_CACHE: a download will need it
     if src.startswith("pypi:"):
         from kd.data import pinned_sha256
 
@@ -729,63 +740,171 @@ def preflight(root: Path = Path("."), params_path: str | Path = "params.yaml") -
                              trust_remote_code=p["teacher"]["trust_remote_code"] and p["student"]["trust_remote_code"])
         except KdError as e:
             raise KdError(f"params `teacher.model` / `student.model`: {e}") from None
+    from kd.prompting import check_context
+
+    check_context(p, root, current_only=True)  # instruction/templates vs the materialised models' context sizes
     return p
 
 
-def _uncached(root: Path) -> list[str]:
-    """Outputs DVC does not keep in its cache (cache: false: metrics, reports): a failed re-run would lose them."""
+def stage_outputs(root: Path) -> dict[str, list[str]]:
+    """stage name -> its outputs (cached or not), relative to the project root."""
     from dvc.repo import Repo
 
+    base = root.resolve()
     with Repo(str(root)) as repo:
-        return sorted({str(Path(o.fs_path).relative_to(root.resolve())) for s in repo.index.stages for o in s.outs
-                       if not o.use_cache})
+        return {s.addressing: sorted(str(Path(o.fs_path).relative_to(base)) for o in s.outs)
+                for s in repo.index.stages}
+
+
+@dataclass
+class Snapshot:
+    """Every file under every stage output as it was before `dvc repro`: a hard link (a copy across devices) in
+    `dir`, with its sha256, size and mtime. DVC and kd.io replace files (unlink, rename), never write into them, so a
+    hard link keeps the old bytes; that is checked at restore time, by hash."""
+    dir: Path
+    outputs: dict[str, list[str]]                       # stage -> output paths that existed
+    files: dict[str, tuple[str, int, int]] = field(default_factory=dict)  # file -> (sha256, size, mtime_ns)
+
+
+def _files_under(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.rglob("*") if p.is_file() and not p.is_symlink()) if path.is_dir() else []
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def take_snapshot(root: Path, snap_dir: Path) -> Snapshot:
+    from kd.io import sha256_file
+
+    snap = Snapshot(snap_dir, {})
+    for stage, outs in stage_outputs(root).items():
+        kept = [o for o in outs if (root / o).exists()]
+        if kept:
+            snap.outputs[stage] = kept
+        for o in kept:
+            for f in _files_under(root / o):
+                rel = str(f.relative_to(root))
+                if rel in snap.files:
+                    continue
+                _link_or_copy(f, snap_dir / rel)
+                st = (snap_dir / rel).stat()
+                snap.files[rel] = (sha256_file(snap_dir / rel), st.st_size, st.st_mtime_ns)
+    return snap
+
+
+def _same(root: Path, snap: Snapshot, out: str) -> bool:
+    """Does output `out` hold exactly the snapshot's files, byte for byte?"""
+    from kd.io import sha256_file
+
+    if not (root / out).exists():
+        return False
+    want = {f: h for f, (h, _, _) in snap.files.items() if f == out or f.startswith(out + "/")}
+    have = [str(p.relative_to(root)) for p in _files_under(root / out)]
+    if set(have) != set(want) or (root / out).is_file() != (out in want):
+        return False
+    return all(sha256_file(root / f) == want[f] for f in have)
+
+
+def restore_outputs(root: Path, snap: Snapshot, lock_before: dict, lock_after: dict) -> tuple[list[str], list[str]]:
+    """After a failed `dvc repro`: every stage that did not complete (its dvc.lock entry is unchanged) gets each of
+    its outputs back exactly as the snapshot has it, verified by sha256. Stages that completed keep their new
+    outputs (dvc.lock describes those). Returns (restored outputs, 'output: why' for what could not be restored)."""
+    from kd.io import sha256_file
+
+    restored, failed = [], []
+    for stage, outs in snap.outputs.items():
+        if stage in lock_after and lock_after.get(stage) != lock_before.get(stage):
+            continue  # ran to the end in this repro: its new outputs are the ones dvc.lock records
+        for out in outs:
+            if _same(root, snap, out):
+                continue
+            files = {f: v for f, v in snap.files.items() if f == out or f.startswith(out + "/")}
+            broken = [f for f, (_, size, mtime) in files.items()
+                      if (lambda st: (st.st_size, st.st_mtime_ns) != (size, mtime))((snap.dir / f).stat())]
+            if broken:  # a process wrote into a file in place: the snapshot's link changed with it
+                failed.append(f"{out}: {broken[0]} was overwritten in place during the run")
+                continue
+            try:
+                dst = root / out
+                if dst.is_dir() and not dst.is_symlink():
+                    shutil.rmtree(dst)
+                elif dst.exists() or dst.is_symlink():
+                    dst.unlink()
+                for f in files:
+                    _link_or_copy(snap.dir / f, root / f)
+                if (root / out).is_dir() is False and not files:
+                    (root / out).mkdir(parents=True, exist_ok=True)  # an output folder that was empty
+            except OSError as e:
+                failed.append(f"{out}: {e.strerror or e}")
+                continue
+            wrong = next((f for f, (h, _, _) in files.items() if sha256_file(root / f) != h), None)
+            if wrong:
+                failed.append(f"{out}: {wrong} does not hash as it did before the run")
+            else:
+                restored.append(out)
+    return restored, failed
+
+
+@contextlib.contextmanager
+def repro_lock(root: Path):
+    """One `kd repro` per project at a time: a second one would snapshot or restore files under a running stage.
+    An OS file lock (fcntl): released by the kernel if the holder dies, so a killed run never leaves it stuck."""
+    import fcntl
+
+    path = root / ".dvc" / "tmp" / "kd-repro.lock" if (root / ".dvc").is_dir() else root / ".kd-repro.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise KdError(f"another `kd repro` is running in {root} ({holder}); wait for it to finish") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def repro(root: Path, dvc_args: list[str], echo: Callable[[str], None] = print,
           env: dict[str, str] | None = None) -> int:
-    """`kd repro`: preflight, then `dvc repro *dvc_args`; after a failure put the failed stages' outputs back."""
+    """`kd repro`: preflight, snapshot every stage output, `dvc repro *dvc_args`; after a failure put back, byte
+    for byte, the outputs of every stage that did not complete, and say exactly what could not be put back."""
     root = Path(root).resolve()
-    preflight(root)
-    echo("kd repro: params, strategies, data and models check out; running dvc repro")
-    env = env or tool_env()
-    snap = Path(tempfile.mkdtemp(prefix=".kd-repro-", dir=root / ".dvc" / "tmp" if (root / ".dvc/tmp").is_dir()
-                                 else None))
-    try:
-        kept = []
-        for rel in _uncached(root):
-            src = root / rel
-            if src.exists():
-                dst = snap / rel
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
-                kept.append(rel)
-        res = subprocess.run(["dvc", "repro", *dvc_args], cwd=root, env=env)
-        if res.returncode == 0:
-            return 0
-        restored = restore_outputs(root, snap, kept, env)
-        echo(f"kd repro: `dvc repro` failed (exit {res.returncode}); "
-             + (f"restored the previous outputs of the failed stage(s): {', '.join(restored)} (as in dvc.lock)"
-                if restored else "no output needed restoring"))
-        return res.returncode
-    finally:
-        shutil.rmtree(snap, ignore_errors=True)
-
-
-def restore_outputs(root: Path, snap: Path, kept: list[str], env: dict[str, str]) -> list[str]:
-    """Put back what DVC deleted before running a stage that then failed: cached outputs with `dvc checkout` of the
-    stages that miss one, uncached ones (metrics, reports) from the snapshot taken before `dvc repro`."""
-    lock = read_lock(root) if (root / "dvc.lock").exists() else {}
-    restored = []
-    missing_stages = [s for s, body in lock.items()
-                      if any(not (root / o["path"]).exists() for o in body.get("outs", []))]
-    if missing_stages:
-        run(["dvc", "checkout", "--quiet", *missing_stages], root, env, check=False)
-    for rel in kept:
-        dst = root / rel
-        if not dst.exists():
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            (shutil.copytree if (snap / rel).is_dir() else shutil.copy2)(snap / rel, dst)
-    for s in missing_stages:
-        if all((root / o["path"]).exists() for o in lock[s].get("outs", [])):
-            restored.append(s)
-    return restored
+    with repro_lock(root):
+        preflight(root)
+        echo("kd repro: params, strategies, data and models check out; running dvc repro")
+        env = env or tool_env()
+        lock_before = read_lock(root) if (root / "dvc.lock").exists() else {}
+        tmp_parent = root / ".dvc" / "tmp" if (root / ".dvc" / "tmp").is_dir() else None
+        snap_dir = Path(tempfile.mkdtemp(prefix=".kd-repro-", suffix=".tmp", dir=tmp_parent))
+        try:
+            snap = take_snapshot(root, snap_dir)
+            # `dvc repro` with upstream's fix for dry runs over not-yet-produced deps (kd/dvc_compat.py)
+            res = subprocess.run([sys.executable, "-m", "kd.dvc_compat", "repro", *dvc_args], cwd=root, env=env)
+            if res.returncode == 0:
+                return 0
+            lock_after = read_lock(root) if (root / "dvc.lock").exists() else {}
+            restored, failed = restore_outputs(root, snap, lock_before, lock_after)
+            msg = f"kd repro: `dvc repro` failed (exit {res.returncode}); "
+            msg += (f"restored the previous outputs, byte for byte (sha256 checked): {', '.join(restored)}"
+                    if restored else "every output of the stages that did not finish is as it was")
+            echo(msg)
+            if failed:
+                echo("kd repro: could NOT restore: " + "; ".join(failed))
+            return res.returncode
+        finally:
+            shutil.rmtree(snap_dir, ignore_errors=True)

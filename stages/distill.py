@@ -11,22 +11,25 @@ from kd.cli_util import run_stage
 from kd.distill import build_examples, select_responses
 from kd.io import read_jsonl, sha256_file
 from kd.loading import load_tokenizer
-from kd.vocab import check_same_vocab
+from kd.names import stage_arg
 from kd.params import load_params
+from kd.prompting import check_context
 from kd.seeding import seed_everything
 from kd.teacher_signal import TeacherSignal
 from kd.trainer import fingerprint, lora_student, run_training, weights_digest
+from kd.vocab import check_same_vocab
 
 
 @click.command()
 @click.argument("strategy")
 def main(strategy):
     p = load_params()
+    stage_arg("strategy", strategy, p["prompting"]["strategies"], "prompting.strategies")  # before any path use
     cfg, s = p["distill"], p["student"]
     responses = read_jsonl(f"data/teacher/{strategy}/responses.jsonl")
     questions = {r["id"]: r for r in read_jsonl("data/prepared/transfer.jsonl")}
     # every artefact check runs before the student loads
-    signal = TeacherSignal(f"data/logits/{strategy}", responses, "models/teacher")
+    signal = TeacherSignal(f"data/logits/{strategy}", responses, "models/teacher", transfer_ids=list(questions))
     vocab = check_same_vocab("models/teacher", "models/student", s["trust_remote_code"])
     kept = select_responses(responses, cfg["response_filter"])
     run_fp = fingerprint(cfg, p["alpha"], p["temperature"], p["seed"], p["prompting"]["instruction"],
@@ -34,6 +37,7 @@ def main(strategy):
                          sha256_file(f"data/teacher/{strategy}/responses.jsonl"), weights_digest("models/student"))
     seed_everything(p["seed"])
     tok = load_tokenizer("models/student", s["trust_remote_code"])
+    check_context(p, ".", {"student": tok}, uses=("distill",))  # before the weights load
     examples, skipped = build_examples(kept, questions, tok, p["prompting"]["instruction"], cfg["max_length"],
                                        cfg["hard_target"])
     model = lora_student("models/student", s["dtype"], s["trust_remote_code"], cfg["lora"], p["seed"])

@@ -1,4 +1,4 @@
-"""Stage `eval@<model>`: zero-shot GSM8K accuracy of teacher, student or kd-<strategy> via lm-eval."""
+"""Stages `eval_*`: zero-shot GSM8K accuracy of one arm (kd/arms.py) via lm-eval."""
 
 import os
 import sys
@@ -13,11 +13,16 @@ from kd.cli_util import run_stage
 @click.command()
 @click.argument("model")
 def main(model):
+    from kd.arms import arm_names
     from kd.evaluate import resolve_model
+    from kd.names import stage_arg
     from kd.params import load_params
+    from kd.prompting import check_context
 
     p = load_params()
+    stage_arg("model", model, arm_names(p["prompting"]["strategies"]), "arm")  # before any path use
     resolve_model(model, p)  # a bad name fails here, before torch / lm-eval are imported
+    check_context(p, ".", uses=("eval",), eval_models=[model])  # before the weights load
 
     from kd.evaluate import evaluate_model
 

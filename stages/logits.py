@@ -14,17 +14,20 @@ from tqdm import tqdm
 from kd.cli_util import run_stage
 from kd.io import atomic_path, read_json, read_jsonl
 from kd.loading import load_model
+from kd.names import stage_arg
 from kd.params import load_params
 from kd.seeding import seed_everything
-from kd.teacher_signal import SignalWriter, capture, check_plain_head, output_layer, tensor_sha256
+from kd.teacher_signal import SignalWriter, capture, check_plain_head, check_responses, output_layer, tensor_sha256
 
 
 @click.command()
 @click.argument("strategy")
 def main(strategy):
     p = load_params()
+    stage_arg("strategy", strategy, p["prompting"]["strategies"], "prompting.strategies")  # before any path use
     cfg, t = p["logits"], p["teacher"]
     responses = read_jsonl(f"data/teacher/{strategy}/responses.jsonl")
+    check_responses(responses, None, f"data/teacher/{strategy}/responses.jsonl", strategy)
     if cfg["format"] == "hidden":
         check_plain_head(read_json("models/teacher/config.json"), "models/teacher")
     t0 = time.time()

@@ -15,12 +15,12 @@ import click
 from tqdm import tqdm
 
 from kd.cli_util import run_stage
-from kd.errors import KdError
 from kd.generate import run_generation
 from kd.io import read_jsonl, sha256_file, write_json, write_jsonl
 from kd.loading import load_model, load_tokenizer
 from kd.params import load_params
-from kd.prompting import load_strategies
+from kd.names import stage_arg
+from kd.prompting import check_context, load_strategies
 from kd.seeding import seed_everything
 
 
@@ -28,9 +28,7 @@ from kd.seeding import seed_everything
 @click.argument("strategy")
 def main(strategy):
     p = load_params()
-    if strategy not in p["prompting"]["strategies"]:
-        raise KdError(f"teacher: strategy {strategy!r} is not in params `prompting.strategies` "
-                      f"(allowed: {', '.join(p['prompting']['strategies'])})")
+    stage_arg("strategy", strategy, p["prompting"]["strategies"], "prompting.strategies")  # before any path use
     template = load_strategies(p["prompting"]["file"])[strategy]
     rows = read_jsonl("data/prepared/transfer.jsonl")
     t = p["teacher"]
@@ -41,6 +39,8 @@ def main(strategy):
     t0 = time.time()
     seed_everything(p["seed"])
     tok = load_tokenizer(model_dir, t["trust_remote_code"])
+    only_this = {**p, "prompting": {**p["prompting"], "strategies": [strategy]}}
+    check_context(only_this, ".", {"teacher": tok}, uses=("teacher",))  # before the weights load
     model = load_model(model_dir, t["dtype"], t["trust_remote_code"], quantization=t["quantization"])
     work = Path(".kd-work/teacher") / strategy
     with tqdm(total=len(rows), desc=f"teacher@{strategy}", unit="q") as bar:

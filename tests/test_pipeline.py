@@ -73,6 +73,23 @@ def test_repro_produces_every_output(project):
     assert "up to date" in status.lower() or status.strip() == ""
 
 
+def test_dry_run_shows_what_a_change_will_rerun(project):
+    """`kd repro --dry --force-downstream` (README): after a temperature change, the stages a real run re-runs,
+    listed without running any (dvc.lock and params.yaml untouched); kd.dvc_compat is DVC with its dry-run fix."""
+    root, env, _ = project
+    params = (root / "params.yaml").read_text()
+    lock = (root / "dvc.lock").read_bytes()
+    try:
+        (root / "params.yaml").write_text(re.sub(r"(?m)^temperature: .*$", "temperature: 2.0", params))
+        env = {**env, "PYTHONPATH": str(root)}
+        out = _run([sys.executable, "-m", "kd.cli", "repro", "--dry", "--force-downstream"], root, env)
+        ran = set(re.findall(r"Running stage '([^']+)'", out))
+        assert ran == {f"distill@{s}" for s in STRATEGIES} | {f"eval@kd-{s}" for s in STRATEGIES} | {"report"}, out
+        assert (root / "dvc.lock").read_bytes() == lock
+    finally:
+        (root / "params.yaml").write_text(params)
+
+
 def test_alpha_change_reruns_only_what_alpha_touches(project):
     root, env, _ = project
     out = _run(["dvc", "exp", "run", "-S", "alpha=0.3"], root, env)

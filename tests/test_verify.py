@@ -163,8 +163,10 @@ def test_invalidation_probe_restores_the_file(placeholder_project):
 
 def test_code_deps_are_declared_and_a_missing_one_is_named(placeholder_project, tmp_path):
     rows = check_code_deps(placeholder_project)
-    assert {r.stage for r in rows} >= {"prepare", "model", "teacher", "logits", "distill", "eval", "report"}
+    assert {r.stage for r in rows} >= {"prepare", "model", "teacher", "logits", "distill", "finetune", "eval_teacher",
+                                       "eval_student", "eval_finetune", "eval_kd", "report"}
     assert all(not r.missing for r in rows), [(r.stage, r.missing) for r in rows if r.missing]
+    assert all(not r.unused for r in rows), [(r.stage, r.unused) for r in rows if r.unused]
     # the same check on a dvc.yaml whose report stage forgot kd/attention.py
     (tmp_path / "stages").mkdir()
     for f in ["dvc.yaml", "stages/report.py"]:

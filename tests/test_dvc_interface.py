@@ -1,0 +1,162 @@
+"""DVC's own commands as a researcher uses them, on a fresh `git clone` of the tiny profile with nothing computed:
+dry run, status, dag, params/metrics/plots/exp views exit 0; `dvc plots show` writes a page whose scripts are all
+inline (vega bundled: .dvc/plots/page.html) and, where Debian's `chromium` is installed, renders every plot in a
+headless browser with no network."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kd.verify import make_copy, tool_env
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def run(cmd: list[str], cwd: Path, env: dict, ok: bool = True) -> subprocess.CompletedProcess:
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if ok:
+        assert res.returncode == 0, f"{' '.join(cmd)} exited {res.returncode}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return res
+
+
+def fresh_clone(tmp: Path) -> tuple[Path, dict]:
+    """A git repository holding the project with the tiny profile and no outputs, and a fresh clone of it."""
+    env = tool_env()
+    make_copy(ROOT, tmp / "origin", profile="tiny", env=env)
+    run(["git", "clone", "-q", str(tmp / "origin"), str(tmp / "clone")], tmp, env)
+    clone = tmp / "clone"
+    return clone, tool_env(root=clone)  # `python -m kd...` and the stages import the clone's kd
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory):
+    return fresh_clone(tmp_path_factory.mktemp("fresh"))
+
+
+def _stages(clone: Path) -> set[str]:
+    import yaml
+
+    doc = yaml.safe_load((clone / "dvc.yaml").read_text())
+    return set(doc["stages"])
+
+
+@pytest.mark.parametrize("args", [["status"], ["dag"], ["params", "diff"], ["metrics", "show"], ["metrics", "diff"],
+                                  ["plots", "show"], ["exp", "show", "--no-pager"],
+                                  ["exp", "show", "--no-pager", "--only-changed"]])
+def test_dvc_command_on_fresh_clone(clone, args):
+    root, env = clone
+    run(["dvc", *args], root, env)
+    assert not (root / "data").exists() and not (root / "models").exists()  # nothing was computed
+
+
+def test_dry_run_lists_every_stage_and_runs_none(clone):
+    root, env = clone
+    out = run([sys.executable, "-m", "kd.dvc_compat", "repro", "--dry"], root, env).stdout
+    ran = {re.sub(r"@.*", "", s) for s in re.findall(r"Running stage '([^']+)'", out)}
+    assert ran == _stages(root), out
+    assert not (root / "data").exists() and not (root / "models").exists() and not (root / "dvc.lock").exists()
+    out = run([sys.executable, "-m", "kd.cli", "repro", "--dry"], root, env).stdout
+    assert "Running stage 'report'" in out
+
+
+def test_plain_dvc_dry_run_bug_is_the_known_one(clone):
+    """DVC <= 3.67.1 crashes on a dry run over deps not produced yet (treeverse/dvc#9818, fixed on DVC's main
+    branch); kd.dvc_compat carries the fix. Once a fixed DVC is installed, plain `dvc repro --dry` must work and the
+    shim is a no-op: this test then checks that instead."""
+    from kd import dvc_compat
+
+    root, env = clone
+    res = run(["dvc", "repro", "--dry"], root, env, ok=not dvc_compat.needs_fix())
+    if dvc_compat.needs_fix():
+        assert res.returncode != 0 and "No such file or directory" in res.stderr + res.stdout
+        assert "data/prepared/transfer.jsonl" in res.stderr + res.stdout
+
+
+# ------------------------------------------------------------------------------------------------ offline plots
+
+ACCURACY = [{"model": m, "metric": k, "accuracy": a, "ci95_low": max(0.0, a - 0.1), "ci95_high": min(1.0, a + 0.1),
+             "n": 48} for m, a in [("teacher", 0.5), ("student", 0.2), ("kd-none", 0.25)]
+            for k in ("strict", "flexible")]
+
+
+def _plot_inputs(root: Path) -> None:
+    """The files the declared plots read, as the report and distill stages write them (dvclive tsv, json lists)."""
+    (root / "reports").mkdir(exist_ok=True)
+    (root / "reports/accuracy.json").write_text(json.dumps(ACCURACY))
+    (root / "reports/attention.json").write_text(json.dumps(
+        [{"model": m, "layer": l, "entropy": 2.0, "entropy_norm": 0.5 + 0.01 * l, "self_focus": 0.1,
+          "density": 0.03, "top5_mass": 0.6, "similarity": None if l == 0 else 0.4} for m in ("student", "kd-none")
+         for l in range(4)]))
+    for s in ("none", "teacher"):
+        d = root / f"reports/distill/{s}/plots/metrics/train"
+        d.mkdir(parents=True, exist_ok=True)
+        for name in ("loss", "ce", "kd", "lr"):
+            (d / f"{name}.tsv").write_text(f"step\t{name}\n" + "".join(f"{i}\t{1.0 / (i + 1)}\n" for i in range(8)))
+
+
+def _scripts(html: str) -> list[str]:
+    return re.findall(r"<script\b[^>]*>", html, flags=re.I)
+
+
+@pytest.fixture(scope="module")
+def plots_page(tmp_path_factory):
+    root, env = fresh_clone(tmp_path_factory.mktemp("plots"))
+    _plot_inputs(root)
+    run(["git", "add", "-f", "reports"], root, env)
+    run(["git", "commit", "-qm", "results"], root, env)
+    acc = [dict(r, accuracy=r["accuracy"] / 2) for r in ACCURACY]  # a second revision for `dvc plots diff`
+    (root / "reports/accuracy.json").write_text(json.dumps(acc))
+    run(["dvc", "plots", "diff", "HEAD", "-o", "diff_page"], root, env)
+    run(["dvc", "plots", "show", "-o", "show_page"], root, env)
+    return root
+
+
+@pytest.mark.parametrize("page", ["show_page", "diff_page"])
+def test_plots_page_loads_only_inline_scripts(plots_page, page):
+    html = (plots_page / page / "index.html").read_text()
+    tags = _scripts(html)
+    assert tags and not [t for t in tags if re.search(r"\bsrc\s*=", t, flags=re.I)], tags
+    assert not re.search(r"""src\s*=\s*["']?(https?:)?//""", html, flags=re.I)
+    for lib in ("vega 5.", "vega-lite 5.", "vega-embed 6."):
+        assert f"/* {lib}" in html, lib
+    # the declared plots: accuracy per arm, attention per layer, the loss curves of each strategy
+    divs = re.findall(r"vegaEmbed\('#([^']+)'", html)
+    assert len(divs) == 2 + 2 * 4, divs
+
+
+def test_plots_diff_compares_revisions(plots_page):
+    html = (plots_page / "diff_page" / "index.html").read_text()
+    spec = html[html.index("accuracy per arm"):]
+    assert '"rev": "HEAD"' in spec and '"rev": "workspace"' in spec
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _offline() -> list[str]:
+    """`unshare -n` (an empty network namespace) where we may create one; else rely on the flags."""
+    if shutil.which("unshare") and subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0:
+        return ["unshare", "-n"]
+    return []
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium)")
+@pytest.mark.parametrize("page", ["show_page", "diff_page"])
+def test_plots_render_in_headless_chromium_offline(plots_page, page, tmp_path):
+    html = plots_page / page / "index.html"
+    n = len(re.findall(r"vegaEmbed\('#", html.read_text()))
+    cmd = [*_offline(), CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'prof'}",
+           "--virtual-time-budget=15000", "--dump-dom", html.as_uri()]
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+    # vega-embed draws each chart into a <canvas> (its default renderer) inside a div of class vega-embed
+    assert dom.count('class="vega-embed') == n, dom[:2000]
+    assert dom.count("<canvas") == n, dom[:2000]
