@@ -143,6 +143,7 @@ class Trials:
     def __init__(self, p: dict, root: Path = Path(".")):
         from kd.distill import build_examples, select_responses
         from kd.loading import load_tokenizer
+        from kd.prompting import check_context
         from kd.teacher_signal import TeacherSignal
         from kd.vocab import check_same_vocab
 
@@ -154,10 +155,12 @@ class Trials:
             raise KdError("prepare.validation_size is 0: nothing to tune on (raise it and `dvc repro prepare`)")
         responses = read_jsonl(self.root / f"data/teacher/{strategy}/responses.jsonl")
         questions = {r["id"]: r for r in read_jsonl(self.root / "data/prepared/transfer.jsonl")}
-        self.signal = TeacherSignal(self.root / f"data/logits/{strategy}", responses, self.root / "models/teacher")
+        self.signal = TeacherSignal(self.root / f"data/logits/{strategy}", responses, self.root / "models/teacher",
+                                    transfer_ids=list(questions))
         self.vocab = check_same_vocab(self.root / "models/teacher", self.root / "models/student",
                                       s["trust_remote_code"])
         self.tok = load_tokenizer(self.root / "models/student", s["trust_remote_code"])
+        check_context(p, self.root, {"student": self.tok}, uses=("distill",))  # as distill@*: before any weights
         kept = select_responses(responses, p["distill"]["response_filter"])
         self.examples, _ = build_examples(kept, questions, self.tok, p["prompting"]["instruction"],
                                           p["distill"]["max_length"], p["distill"]["hard_target"])
