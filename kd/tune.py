@@ -464,7 +464,7 @@ def apply_best(root: Path = Path("."), params_path: str = "params.yaml") -> dict
     the result is validated before it replaces the file. Returns {dotted key: (old, new)}."""
     from ruamel.yaml import YAML
 
-    from kd.params import validate
+    from kd.params import load_params, validate
 
     root = Path(root)
     mpath = root / METRICS
@@ -476,13 +476,14 @@ def apply_best(root: Path = Path("."), params_path: str = "params.yaml") -> dict
     unknown = sorted(set(best) - set(PARAM_KEYS))
     if unknown:
         raise KdError(f"{METRICS}: unknown parameter {unknown[0]!r} (allowed: {', '.join(PARAM_KEYS)})")
-    yaml = YAML()  # round-trip: comments, key order, flow lists kept
-    yaml.preserve_quotes = True
-    yaml.width = 4096
-    yaml.representer.add_representer(  # keep `null` written as null, not as an empty value
-        type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     path = root / params_path
-    doc = yaml.load(path.read_text(encoding="utf-8"))
+    load_params(path, root=root)  # the strict reader first (no anchors, duplicate keys, oversized files)
+    rt = YAML(typ="rt")  # round-trip (safe: builds only plain mappings/lists/scalars): comments, order, flow lists kept
+    rt.preserve_quotes = True
+    rt.width = 4096
+    rt.representer.add_representer(  # keep `null` written as null, not as an empty value
+        type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    doc = rt.load(path.read_text(encoding="utf-8"))
     changes = {}
     for name, value in best.items():
         keys = PARAM_KEYS[name]
@@ -495,10 +496,10 @@ def apply_best(root: Path = Path("."), params_path: str = "params.yaml") -> dict
             node[keys[-1]] = new
             changes[".".join(keys)] = (old, new)
     buf = __import__("io").StringIO()
-    yaml.dump(doc, buf)
-    import yaml as pyyaml
+    rt.dump(doc, buf)
+    import yaml
 
-    validate(pyyaml.safe_load(buf.getvalue()), root=root)  # never write a params file that does not validate
+    validate(yaml.safe_load(buf.getvalue()), root=root)  # never write a params file that does not validate
     write_text(path, buf.getvalue())
     return changes
 
