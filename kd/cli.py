@@ -84,10 +84,25 @@ def validate(path):
 @click.option("--keep", is_flag=True, help="Keep the temporary project copies (their path is printed).")
 @click.option("--workdir", default=None,
               help="Where the copies go (default $TMPDIR).")
-def verify(profile_name, tolerance, rtol, atol, skip_invalidation, quick, keep, workdir):
+@click.option("--committed", is_flag=True,
+              help="Re-run a sample of stages in a fresh clone and compare with the committed artefacts "
+                   "(identical, or a drift report where the environment differs). docs/reproducibility.md")
+@click.option("--stage", "stages", multiple=True,
+              help="With --committed: a stage to re-run (repeatable; default teacher@<first strategy>, eval@student).")
+def verify(profile_name, tolerance, rtol, atol, skip_invalidation, quick, keep, workdir, committed, stages):
     """Run the pipeline twice from scratch in temp copies; compare every output and metric; check that each
     param/file change invalidates exactly the stages that use it. Exit 1 naming the first difference."""
     from kd.verify import DEFAULT_ATOL, DEFAULT_RTOL, ROOT, render, verify as run_verify
+
+    if stages and not committed:
+        raise click.UsageError("--stage needs --committed")
+    if committed:
+        from kd.verify_committed import exit_code, render as render_committed, verify_committed
+
+        checks = verify_committed(Path.cwd(), list(stages) or None, Path(workdir) if workdir else None, keep,
+                                  echo=click.echo)
+        click.echo(render_committed(checks))
+        sys.exit(exit_code(checks))
 
     if (rtol is not None or atol is not None) and not tolerance:
         raise click.UsageError("--rtol/--atol need --tolerance")

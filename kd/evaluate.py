@@ -65,9 +65,9 @@ def check_model_files(spec: ModelSpec) -> None:
 
     _check_dir(spec.pretrained)
     if spec.peft is not None:
+        stage = "finetune" if spec.name == "finetune" else f"distill@{spec.name[len('kd-'):]}"
         for f in ("adapter_config.json", "adapter_model.safetensors"):
             if not (spec.peft / f).exists():
-                stage = "finetune" if spec.name == "finetune" else f"distill@{spec.name[len('kd-'):]}"
                 raise ArtefactError(f"{spec.peft}: not a LoRA adapter folder (no {f}); "
                                     f"run `dvc repro {stage}` first")
         check_safetensors(spec.peft / "adapter_model.safetensors", f"re-run `dvc repro {stage}`")

@@ -156,6 +156,7 @@ SCHEMA: dict[str, Any] = {
     "eval": {"limit": _optional(_int(1, 10**7)), "max_new_tokens": _int(1, 32768),
              "batch_size": _int(1, 4096)},
     "report": {"attention_prompts": _int(1, 256)},
+    "compute": {"portable": _bool},  # kd/portable.py
     # `kd tune` (kd/tune.py): no stage reads these, so editing them never invalidates the pipeline
     "tune": {"strategy": _str, "objective": _choice(TUNE_OBJECTIVES), "n_trials": _int(1, 10**6),
              "timeout": _optional(_int(1, 10**8)), "storage": _str, "study": _optional(_str),
@@ -196,6 +197,12 @@ def validate(data: Any, root: str | Path = ".") -> dict:
         if s not in strategies:
             raise ParamError("prompting.strategies", f"names unknown strategy {s!r}",
                              ", ".join(strategies) + f" (defined in {p['prompting']['file']})")
+    if p["compute"]["portable"]:
+        for role in ("teacher", "student"):
+            if p[role]["dtype"] != "float32":
+                raise ParamError("compute.portable", f"is true, which needs {role}.dtype float32, not "
+                                 f"{p[role]['dtype']} (bf16 matmul kernels round differently on different CPUs; "
+                                 "docs/reproducibility.md)", "false, or true with float32 teacher and student dtypes")
     if p["tune"]["strategy"] not in p["prompting"]["strategies"]:
         raise ParamError("tune.strategy", f"is {p['tune']['strategy']!r}, not one of prompting.strategies",
                          ", ".join(p["prompting"]["strategies"]))

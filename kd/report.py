@@ -111,6 +111,10 @@ def collect(params: dict, root: str | Path = ".") -> dict:
         path = root / "metrics/distill" / f"{name}.json"
         data["distill"][arm] = _need(path, read_json(path), DISTILL_KEYS)
     data["summary"] = read_json(root / "data/prepared/summary.json")
+    from kd.environment import load_environments, render_table
+
+    envs = load_environments(root)
+    data["environment"] = render_table(envs) if envs else None
     from kd.paths import SELECTION_DIR
 
     prof = params.get("profile")

@@ -49,12 +49,12 @@ def selection_path(root: Path, profile: str | None) -> Path:
 
 
 def _update(root: Path, profile: str | None, n: int, key: str, block: dict, decision: str,
-            raw: dict | None = None) -> dict:
+            raw: dict | None = None, extra: dict | None = None) -> dict:
     path = selection_path(root, profile)
     sel = read_json(path) if path.exists() else {}
     if sel.get("profile") != profile or sel.get("n") != n:
         sel = {"profile": profile, "n": n, "parts": {}}
-    sel["parts"][key] = {"block": block, "decision": decision, "raw": raw or {}}
+    sel["parts"][key] = {"block": block, "decision": decision, "raw": raw or {}, **(extra or {})}
     parts = [sel["parts"][k] for k in ("instruction", "targets") if k in sel["parts"]]
     sel["blocks"] = [p["block"] for p in parts]
     sel["decision"] = " ".join(p["decision"] for p in parts)
@@ -77,27 +77,34 @@ def select_instruction(p: dict, root: Path, strategies: list[str] | None = None,
     t = p["teacher"]
     strategies = list(strategies or p["prompting"]["strategies"])
     templates = load_strategies(root / p["prompting"]["file"])
-    seed_everything(p["seed"])
-    tok = load_tokenizer(root / "models/teacher", t["trust_remote_code"])
-    model = load_model(root / "models/teacher", t["dtype"], t["trust_remote_code"], quantization=t["quantization"])
-    # measurements already recorded for this profile and split size are kept (a candidate can be added later)
+    # measurements already recorded under the same teacher, budget and templates are kept, not repeated: a candidate
+    # or a strategy can be added later
+    setup = {"teacher": p["teacher"]["model"], "dtype": t["dtype"], "max_new_tokens": t["max_new_tokens"],
+             "seed": p["seed"], "n": len(rows)}
     path = selection_path(root, p.get("profile"))
-    old = read_json(path) if path.exists() else {}
+    old = read_json(path).get("parts", {}).get("instruction", {}) if path.exists() else {}
     results = {}
-    if old.get("n") == len(rows):
-        results = {tuple(k.split("|")): v for k, v in old.get("parts", {}).get("instruction", {}).get("raw", {}).items()}
-    for name in candidates or list(INSTRUCTIONS):
-        text = INSTRUCTIONS[name]
-        for s in strategies:
-            with tempfile.TemporaryDirectory(prefix="kd-select-") as work:
-                out = run_generation(model, tok, rows, templates[s], text, t["max_new_tokens"], t["batch_size"],
-                                     Path(work), fingerprint=f"select:{name}:{s}")
-            n = len(out)
-            results[(name, s)] = {"strict": sum(r["correct_strict"] for r in out) / n,
-                                  "flexible": sum(score(r["response"], r["gold"])["correct_flexible"] for r in out) / n,
-                                  "finished": sum(r["finished"] for r in out) / n,
-                                  "tokens": sum(len(r["response_ids"]) for r in out) / n}
-            echo(f"select instruction {name} / {s}: {results[(name, s)]}")
+    if old.get("setup") == setup:
+        for k, v in old.get("raw", {}).items():
+            name, s = k.split("|")
+            if name in INSTRUCTIONS and s in templates and templates[s] == old.get("templates", {}).get(s):
+                results[(name, s)] = v
+    todo = [(n, s) for n in (candidates or list(INSTRUCTIONS)) for s in strategies if (n, s) not in results]
+    model = tok = None
+    if todo:
+        seed_everything(p["seed"])
+        tok = load_tokenizer(root / "models/teacher", t["trust_remote_code"])
+        model = load_model(root / "models/teacher", t["dtype"], t["trust_remote_code"], quantization=t["quantization"])
+    for name, s in todo:
+        with tempfile.TemporaryDirectory(prefix="kd-select-") as work:
+            out = run_generation(model, tok, rows, templates[s], INSTRUCTIONS[name], t["max_new_tokens"],
+                                 t["batch_size"], Path(work), fingerprint=f"select:{name}:{s}")
+        n = len(out)
+        results[(name, s)] = {"strict": sum(r["correct_strict"] for r in out) / n,
+                              "flexible": sum(score(r["response"], r["gold"])["correct_flexible"] for r in out) / n,
+                              "finished": sum(r["finished"] for r in out) / n,
+                              "tokens": sum(len(r["response_ids"]) for r in out) / n}
+        echo(f"select instruction {name} / {s}: {results[(name, s)]}")
     done = [n for n in INSTRUCTIONS if all((n, s) in results for s in strategies)]
     mean = {name: {k: sum(results[(name, s)][k] for s in strategies) / len(strategies)
                    for k in ("strict", "flexible", "finished", "tokens")} for name in done}
@@ -113,7 +120,8 @@ def select_instruction(p: dict, root: Path, strategies: list[str] | None = None,
                 "release's instruction asked for \"a few short sentences\", contradicting the priming strategies, "
                 "and is not a candidate).")
     sel = _update(root, p.get("profile"), len(rows), "instruction", block, decision,
-                  raw={"|".join(k): v for k, v in sorted(results.items())})
+                  raw={"|".join(k): v for k, v in sorted(results.items())},
+                  extra={"setup": setup, "templates": {s: templates[s] for s in strategies}})
     return sel | {"best": INSTRUCTIONS[best]}
 
 
@@ -187,8 +195,10 @@ def select_targets(p: dict, root: Path, strategy: str, echo: Callable[[str], Non
             if pvalue < 0.05 and gain > best_gain:
                 best, best_gain = pair, gain
         table.append([pair[0], pair[1], str(kept_n[pair]), f"{mean:.4f}", pv])
-    block = {"title": f"Training targets: students distilled on teacher@{strategy}'s responses, validation gold "
-                      "NLL per token (lower is better; Wilcoxon signed-rank vs gold/all over the questions)",
+    which = next((k for k, v in INSTRUCTIONS.items() if v == instruction), None)
+    block = {"title": f"Training targets: students distilled on teacher@{strategy}'s responses (instruction "
+                      f"{'`' + which + '`' if which else repr(instruction)}), validation gold NLL per token (lower is "
+                      "better; Wilcoxon signed-rank vs gold/all over the questions)",
              "headers": ["hard target", "response filter", "responses kept", "gold NLL / token", "p vs gold/all"],
              "rows": table}
     decision = (f"Targets: hard target `{best[0]}`, response filter `{best[1]}` "

@@ -356,6 +356,10 @@ INVALIDATION: list[Change] = [
            why="eval's task, and the answer filters kd/answers.py reads from it"),
     Change("kd/models.yaml", None, ("model@*",)),
     Change("kd/attention.py", None, ("report",)),
+    Change("compute.portable", True, (*S_ALL, "finetune", *EVAL_ALL),
+           why="ISA caps for every stage that runs model math"),
+    Change("kd/environment.py", None, (*S_ALL, "finetune", *EVAL_ALL, "report")),
+    Change("kd/portable.py", None, (*S_ALL, "finetune", *EVAL_ALL)),
 ]
 
 # kd modules a stage may import without declaring them: shared plumbing that validates input or writes files the same

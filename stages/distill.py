@@ -4,11 +4,13 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's `kd`
+import kd.portable; kd.portable.apply()  # noqa: E402,E702 - compute.portable: ISA caps, before torch loads
 
 import click
 
 from kd.cli_util import run_stage
 from kd.distill import build_examples, select_responses
+from kd.environment import record_environment
 from kd.io import read_jsonl, sha256_file
 from kd.loading import load_tokenizer
 from kd.names import stage_arg
@@ -48,6 +50,7 @@ def main(strategy):
                  extra={"skipped": len(skipped), "filtered_out": len(responses) - len(kept),
                         "response_filter": cfg["response_filter"], "hard_target": cfg["hard_target"],
                         "kd_width": vocab["kd_width"]})
+    record_environment(f"distill-{strategy}")  # environment/distill-<s>.json: the lineage beyond params + code
 
 
 if __name__ == "__main__":

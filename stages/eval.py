@@ -4,6 +4,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's `kd`
+import kd.portable; kd.portable.apply()  # noqa: E402,E702 - compute.portable: ISA caps, before torch loads
 
 import click
 
@@ -27,6 +28,9 @@ def main(model):
     from kd.evaluate import evaluate_model
 
     s = evaluate_model(model, p)
+    from kd.environment import record_environment
+
+    record_environment(f"eval-{model}")  # environment/eval-<m>.json: the lineage beyond params + code
     print(f"eval@{model}: {s['items']} items, {s['tokens']} tokens, {s['seconds']:.1f} s; "
           f"accuracy strict {s['accuracy_strict']:.3f} [{s['ci95_strict_low']:.3f}, {s['ci95_strict_high']:.3f}]"
           f" flexible {s['accuracy_flexible']:.3f}")

@@ -6,11 +6,13 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's `kd`
+import kd.portable; kd.portable.apply()  # noqa: E402,E702 - compute.portable: ISA caps, before torch loads
 
 import click
 
 from kd.cli_util import run_stage
 from kd.distill import build_gold_examples
+from kd.environment import record_environment
 from kd.io import read_jsonl
 from kd.loading import load_tokenizer
 from kd.params import load_params
@@ -38,6 +40,7 @@ def main():
                  adapter_dir="models/finetune", curves_dir="reports/distill/finetune",
                  metrics_path="metrics/distill/finetune.json", work_dir=".kd-work/finetune",
                  extra={"skipped": len(skipped), "hard_target": "gold"})
+    record_environment("finetune")  # environment/finetune.json: the lineage beyond params + code
 
 
 if __name__ == "__main__":

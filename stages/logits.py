@@ -4,6 +4,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's `kd`
+import kd.portable; kd.portable.apply()  # noqa: E402,E702 - compute.portable: ISA caps, before torch loads
 
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ import click
 from tqdm import tqdm
 
 from kd.cli_util import run_stage
+from kd.environment import record_environment
 from kd.io import atomic_path, read_json, read_jsonl
 from kd.loading import load_model
 from kd.names import stage_arg
@@ -51,6 +53,7 @@ def main(strategy):
             writer.add(r["id"], r["response_ids"], tensors)
         # proof, on every shard's first example, that hidden @ W_out^T reproduces the model's logits
         manifest = writer.close({**meta, "recompute_max_abs_diff": max_diff})
+    record_environment(f"logits-{strategy}")  # environment/logits-<s>.json: the lineage beyond params + code
     rows = sum(e["rows"] for e in manifest["examples"])
     size = sum(f.stat().st_size for f in Path(f"data/logits/{strategy}").iterdir())
     print(f"logits@{strategy}: {len(responses)} examples, {rows} response tokens, format {cfg['format']}, "

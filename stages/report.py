@@ -26,6 +26,9 @@ def main(no_attention):
     seed_everything(p["seed"])
     rows = [] if no_attention else attention_rows(p)
     m = write_report(p, rows)
+    from kd.environment import write_headline
+
+    write_headline()  # metrics/environment.json from environment/*.json: `dvc metrics diff` shows another machine
     print(f"report: reports/index.md, {len(rows)} attention rows, best arm: {m['best_arm']} "
           f"({time.time() - t0:.1f} s)")
 

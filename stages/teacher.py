@@ -4,6 +4,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's `kd`
+import kd.portable; kd.portable.apply()  # noqa: E402,E702 - compute.portable: ISA caps, before torch loads
 
 import hashlib
 import json
@@ -15,6 +16,7 @@ import click
 from tqdm import tqdm
 
 from kd.cli_util import run_stage
+from kd.environment import record_environment
 from kd.generate import run_generation
 from kd.io import read_jsonl, sha256_file, write_json, write_jsonl
 from kd.loading import load_model, load_tokenizer
@@ -53,6 +55,7 @@ def main(strategy):
                "mean_response_tokens": tokens / n, "finished_fraction": sum(r["finished"] for r in out) / n}
     write_jsonl(f"data/teacher/{strategy}/responses.jsonl", out)
     write_json(f"metrics/teacher/{strategy}.json", metrics)
+    record_environment(f"teacher-{strategy}")  # environment/teacher-<s>.json: the lineage beyond params + code
     shutil.rmtree(work, ignore_errors=True)
     dt = time.time() - t0
     print(f"teacher@{strategy}: {n} responses, {tokens} tokens, {tokens / dt:.1f} tok/s, {dt:.1f} s; "
