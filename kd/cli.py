@@ -222,6 +222,59 @@ def select_targets(strategy):
     click.echo(sel["decision"])
 
 
+@cli.command()
+@click.option("--trials", "n_trials", type=click.IntRange(1), default=None,
+              help="Finished trials the study should hold (default: params tune.n_trials).")
+@click.option("--timeout", type=click.IntRange(1), default=None,
+              help="Seconds this process may run; it stops after the trial in progress (default: tune.timeout).")
+@click.option("--apply", "apply_", is_flag=True,
+              help="Run no trial: write metrics/tune.json's best values into params.yaml (alpha, temperature, and "
+                   "distill.lr / distill.lora.r when searched), keeping its comments; then `dvc repro` re-runs "
+                   "distill@* and what follows, never teacher or logits.")
+@click.option("--report", "report_only", is_flag=True,
+              help="Run no trial: rewrite metrics/tune.json and reports/tune/ from the study as it stands.")
+def tune(n_trials, timeout, apply_, report_only):
+    """Search alpha and temperature (optionally distill.lr, distill.lora.r) with an Optuna study on the VALIDATION
+    split; the eval split is never read.
+
+    \b
+    Each trial distils the student on tune.strategy's teacher responses exactly as distill@<strategy> does, with
+    the trial's values, and is scored by tune.objective:
+      accuracy  validation strict accuracy through lm-eval (the study minimises 1 - accuracy; default)
+      nll       the student's validation gold-solution NLL per token (kd select's measure; minutes, not hours)
+    Every tune.report_every steps the trial reports its validation gold NLL; the median pruner stops trials worse
+    than the median of earlier ones at the same step.
+
+    \b
+    The study lives in tune.storage (default sqlite:///tune/optuna.db): re-running `kd tune` resumes it (a trial
+    killed mid-way is failed and re-run with the same values; only complete and pruned trials count toward
+    tune.n_trials), and several `kd tune` processes on one storage share it (PostgreSQL across machines).
+    Results: metrics/tune.json, reports/tune/ (history, importances, alpha-T contour). Then `kd tune --apply`.
+
+    Needs `dvc repro logits@<tune.strategy> model@student prepare`."""
+    from kd.params import load_params
+    from kd import tune as t
+
+    root = Path.cwd()
+    if apply_ and report_only:
+        raise KdError("--apply and --report exclude each other")
+    if apply_:
+        changes = t.apply_best(root)
+        for key, (old, new) in changes.items():
+            click.echo(f"params.yaml: {key}: {old} -> {new}")
+        if not changes:
+            click.echo("params.yaml already holds the study's best values")
+        else:
+            click.echo("now `dvc status` lists distill@* and report (finetune too if distill.lr or lora.r changed); "
+                       "`dvc repro` re-runs them and the evals that follow")
+        return
+    p = load_params()
+    if report_only:
+        t.write_results(t.load_study(p, root), p, root, echo=click.echo)
+        return
+    t.run_study(p, root, n_trials=n_trials, timeout=timeout, echo=click.echo)
+
+
 def main():
     from kd.cli_util import handle
 

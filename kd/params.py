@@ -17,6 +17,7 @@ LOGIT_FORMATS = ["hidden", "full", "topk"]
 LOSSES = ["reverse_kl", "forward_kl", "jsd"]
 HARD_TARGETS = ["teacher", "gold"]
 RESPONSE_FILTERS = ["all", "finished", "correct"]  # which teacher responses distill trains on (kd.distill)
+TUNE_OBJECTIVES = ["accuracy", "nll"]  # kd tune: validation strict accuracy (lm-eval) | validation gold NLL
 QUANTIZATIONS = ["bnb-4bit", "bnb-8bit"]  # load-time quantization of the teacher (CUDA + bitsandbytes)
 SOURCE_RE = re.compile(r"^(hub:\S+|jsonl:\S+|pypi:[A-Za-z0-9_.\-]+(==\S+)?)$")
 
@@ -101,6 +102,31 @@ def _source(key, v):
     return v
 
 
+def _interval(lo: float, hi: float, positive: bool = False) -> Callable[[str, Any], list[float]]:
+    """A search interval [low, high] inside [lo, hi] (positive: both ends > 0, for a log scale)."""
+    desc = f"[low, high] with {lo} <= low < high <= {hi}" + (" and low > 0 (log scale)" if positive else "")
+
+    def check(key, v):
+        if (not isinstance(v, list) or len(v) != 2
+                or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) for x in v)):
+            raise ParamError(key, f"must be a pair of numbers, got {v!r}", desc)
+        a, b = float(v[0]), float(v[1])
+        if not (lo <= a < b <= hi) or (positive and a <= 0):
+            raise ParamError(key, f"is out of range: {v}", desc)
+        return [a, b]
+    return check
+
+
+def _int_choices(lo: int, hi: int) -> Callable[[str, Any], list[int]]:
+    def check(key, v):
+        if (not isinstance(v, list) or not v or len(set(map(str, v))) != len(v)
+                or any(isinstance(x, bool) or not isinstance(x, int) or not lo <= x <= hi for x in v)):
+            raise ParamError(key, f"must be a non-empty list of distinct integers, got {v!r}",
+                             f"integers in [{lo}, {hi}]")
+        return v
+    return check
+
+
 def _range(lo, hi):
     if lo is not None and hi is not None:
         return f"an integer in [{lo}, {hi}]"
@@ -131,6 +157,14 @@ SCHEMA: dict[str, Any] = {
              "batch_size": _int(1, 4096)},
     "report": {"attention_prompts": _int(1, 256)},
     "compute": {"portable": _bool},  # kd/portable.py
+    # `kd tune` (kd/tune.py): no stage reads these, so editing them never invalidates the pipeline
+    "tune": {"strategy": _str, "objective": _choice(TUNE_OBJECTIVES), "n_trials": _int(1, 10**6),
+             "timeout": _optional(_int(1, 10**8)), "storage": _str, "study": _optional(_str),
+             "report_every": _int(1, 10**9), "heartbeat": _int(1, 86400),
+             "pruner": {"startup_trials": _int(0, 10**6), "warmup_steps": _int(0, 10**9)},
+             "space": {"alpha": _interval(0.0, 1.0), "temperature": _interval(0.0, 100.0, positive=True),
+                       "lr": _optional(_interval(0.0, 10.0, positive=True)),
+                       "lora_r": _optional(_int_choices(1, 4096))}},
 }
 
 
@@ -169,6 +203,9 @@ def validate(data: Any, root: str | Path = ".") -> dict:
                 raise ParamError("compute.portable", f"is true, which needs {role}.dtype float32, not "
                                  f"{p[role]['dtype']} (bf16 matmul kernels round differently on different CPUs; "
                                  "docs/reproducibility.md)", "false, or true with float32 teacher and student dtypes")
+    if p["tune"]["strategy"] not in p["prompting"]["strategies"]:
+        raise ParamError("tune.strategy", f"is {p['tune']['strategy']!r}, not one of prompting.strategies",
+                         ", ".join(p["prompting"]["strategies"]))
     if p["distill"]["lora"]["r"] > 4096:
         raise ParamError("distill.lora.r", "is too large", "an integer in [1, 4096]")
     try:

@@ -348,6 +348,8 @@ INVALIDATION: list[Change] = [
     Change("eval.max_new_tokens", 12, (*EVAL_ALL, "report")),
     Change("eval.batch_size", 2, EVAL_ALL),
     Change("report.attention_prompts", 1, ("report",)),
+    Change("tune.n_trials", 5, (), why="kd tune's own section: no stage reads it"),
+    Change("kd/tune.py", None, (), why="kd tune only; its results reach the pipeline through kd tune --apply"),
     Change("kd/loss.py", None, TRAIN_ALL),
     Change("kd/answers.py", None, ("prepare", "teacher@*")),
     Change("kd/tasks/gsm8k_kd.yaml", None, ("prepare", "teacher@*", *EVAL_ALL),

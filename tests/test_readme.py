@@ -26,6 +26,10 @@ SKIP = {
     "kd repro": "runs the whole pipeline (kd repro --dry is run)",
     "dvc exp run -S alpha=0.61 -S temperature=2.0": "runs distill, eval and report (tests/test_pipeline.py runs "
                                                     "`dvc exp run -S alpha=0.3` on the tiny profile)",
+    "dvc repro logits@none model@student": "runs stages (tests/test_tune.py builds a tiny project in-process)",
+    "kd tune": "needs teacher signal and student; trains (tests/test_tune.py runs tiny studies)",
+    "kd tune --apply": "needs a study's metrics/tune.json (tests/test_tune.py applies one and checks dvc status)",
+    "dvc queue start -j 2": "runs the queued experiments' pipelines (tests/test_tune.py checks the queueing)",
 }
 
 
