@@ -27,6 +27,10 @@ SKIP = {
     "dvc exp run -S alpha=0.61 -S temperature=2.0": "runs distill, eval and report (tests/test_pipeline.py runs "
                                                     "`dvc exp run -S alpha=0.3` on the tiny profile)",
     "dvc repro logits@none model@student": "runs stages (tests/test_tune.py builds a tiny project in-process)",
+    "kd bench": "a benchmark (minutes); tests/test_bench.py runs it on the tiny pair",
+    "kd bench --profile tiny --threads 1": "a benchmark (minutes); tests/test_bench.py runs it on the tiny pair",
+    "kd verify --committed": "re-runs sampled stages of the committed default against its committed outputs (real "
+                             "models; tests/test_shared_artefacts.py runs it on a tiny project)",
     "kd tune": "needs teacher signal and student; trains (tests/test_tune.py runs tiny studies)",
     "kd tune --apply": "needs a study's metrics/tune.json (tests/test_tune.py applies one and checks dvc status)",
     "dvc queue start -j 2": "runs the queued experiments' pipelines (tests/test_tune.py checks the queueing)",
