@@ -373,7 +373,7 @@ def test_stage_rejects_bad_model_before_loading(monkeypatch):
     called = []
     monkeypatch.setattr(ev, "evaluate_model", lambda *a, **k: called.append(a))
     res = CliRunner().invoke(_stage().main, ["nope"])
-    assert isinstance(res.exception, ParamError) and "not an arm" in str(res.exception)
+    assert isinstance(res.exception, ParamError) and "`arm` does not list 'nope'" in str(res.exception)
     assert "kd-teacher" in str(res.exception) and not called
 
 

@@ -84,7 +84,7 @@ def test_dry_run_shows_what_a_change_will_rerun(project):
         env = {**env, "PYTHONPATH": str(root)}
         out = _run([sys.executable, "-m", "kd.cli", "repro", "--dry", "--force-downstream"], root, env)
         ran = set(re.findall(r"Running stage '([^']+)'", out))
-        assert ran == {f"distill@{s}" for s in STRATEGIES} | {f"eval@kd-{s}" for s in STRATEGIES} | {"report"}, out
+        assert ran == {f"distill@{s}" for s in STRATEGIES} | {f"eval_kd@{s}" for s in STRATEGIES} | {"report"}, out
         assert (root / "dvc.lock").read_bytes() == lock
     finally:
         (root / "params.yaml").write_text(params)
