@@ -67,14 +67,17 @@ def test_dry_run_lists_every_stage_and_runs_none(clone):
     assert "Running stage 'report'" in out
 
 
-def test_plain_dvc_dry_run_bug_is_the_known_one(clone):
-    """DVC <= 3.67.1 crashes on a dry run over deps not produced yet (treeverse/dvc#9818, fixed on DVC's main
-    branch); kd.dvc_compat carries the fix. Once a fixed DVC is installed, plain `dvc repro --dry` must work and the
-    shim is a no-op: this test then checks that instead."""
+def test_the_projects_dvc_command_dry_runs_a_fresh_clone(clone):
+    """`dvc` in the project's environment is kd.dvc_compat (pyproject [project.scripts]): DVC with the fix for
+    treeverse/dvc#9818 (a dry run over deps not produced yet crashes DVC <= 3.67.1). DVC's own entry point still
+    shows the bug while the installed DVC lacks the fix; once it has it, the shim is a no-op."""
     from kd import dvc_compat
 
     root, env = clone
-    res = run(["dvc", "repro", "--dry"], root, env, ok=not dvc_compat.needs_fix())
+    out = run(["dvc", "repro", "--dry"], root, env).stdout
+    assert "Running stage 'report'" in out
+    assert not (root / "data").exists() and not (root / "dvc.lock").exists()
+    res = run([sys.executable, "-m", "dvc", "repro", "--dry"], root, env, ok=not dvc_compat.needs_fix())
     if dvc_compat.needs_fix():
         assert res.returncode != 0 and "No such file or directory" in res.stderr + res.stdout
         assert "data/prepared/transfer.jsonl" in res.stderr + res.stdout
