@@ -106,7 +106,7 @@ def collect(params: dict, root: str | Path = ".") -> dict:
     for s in strategies:
         path = root / "metrics/teacher" / f"{s}.json"
         data["teacher"][s] = _need(path, read_json(path), TEACHER_KEYS)
-    for arm in TRAINED_ARMS(strategies):
+    for arm in trained_arms(strategies):
         name = "finetune" if arm == "finetune" else arm[len("kd-"):]
         path = root / "metrics/distill" / f"{name}.json"
         data["distill"][arm] = _need(path, read_json(path), DISTILL_KEYS)
@@ -123,8 +123,11 @@ def collect(params: dict, root: str | Path = ".") -> dict:
     return data
 
 
-def TRAINED_ARMS(strategies) -> list[str]:  # noqa: N802 - reads as a constant list
-    return ["finetune", *(f"kd-{s}" for s in strategies)]
+def trained_arms(strategies) -> list[str]:
+    """The arms with an adapter (kd.arms: finetune, kd-<s>), in report order."""
+    from kd.arms import arm_names, resolve
+
+    return [a for a in arm_names(strategies) if resolve(a, strategies).trained]
 
 
 # ------------------------------------------------------------------------------------------------ analysis
@@ -200,7 +203,7 @@ def analyse(params: dict, data: dict, attention: list[dict]) -> dict:
     from kd.arms import BASE_ARM
 
     comparisons = {m: {k: paired(data["samples"][BASE_ARM], data["samples"][m], k, (BASE_ARM, m)) for k in KINDS}
-                   for m in TRAINED_ARMS(data["strategies"])}
+                   for m in trained_arms(data["strategies"])}
     attention = [{k: num(v) for k, v in r.items()} for r in attention]
     order = {m: i for i, m in enumerate(data["models"])}
     attention.sort(key=lambda r: (order.get(r["model"], len(order)), r["model"], r["layer"]))

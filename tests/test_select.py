@@ -10,25 +10,11 @@ import yaml
 from click.testing import CliRunner
 
 from kd.cli import cli
+from stage_runner import in_process  # stages/<name>.py run in this process
 from kd.verify import make_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def in_process(root: Path, name: str, *args: str) -> None:
-    """Run stages/<name>.py's command in this process, in `root` (the same code DVC runs)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"stage_{name}_select", ROOT / "stages" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        mod.main.main(args=list(args), standalone_mode=False)
-    finally:
-        os.chdir(cwd)
 
 
 @pytest.fixture(scope="module")
