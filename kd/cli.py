@@ -92,7 +92,9 @@ def validate(path):
 def verify(profile_name, tolerance, rtol, atol, skip_invalidation, quick, keep, workdir, committed, stages):
     """Run the pipeline twice from scratch in temp copies; compare every output and metric; check that each
     param/file change invalidates exactly the stages that use it. Exit 1 naming the first difference."""
-    from kd.verify import DEFAULT_ATOL, DEFAULT_RTOL, ROOT, render, verify as run_verify
+    from kd.dvc_project import ROOT
+    from kd.run_compare import DEFAULT_ATOL, DEFAULT_RTOL
+    from kd.verify import render, verify as run_verify
 
     if stages and not committed:
         raise click.UsageError("--stage needs --committed")
@@ -170,7 +172,7 @@ def bench(size, models_dir, dtype, out, no_train, threads):
 def repro(dvc_args):
     """Check params, strategies, data and models cheaply (naming the bad key or file), then `dvc repro DVC_ARGS`.
     A stage that still fails gets its previous outputs back, so nothing already produced is lost."""
-    from kd.verify import repro as run_repro
+    from kd.repro import repro as run_repro
 
     sys.exit(run_repro(Path.cwd(), list(dvc_args), echo=click.echo))
 

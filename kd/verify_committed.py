@@ -24,7 +24,7 @@ from typing import Callable
 
 from kd.environment import ENV_DIR, fingerprint_of
 from kd.errors import KdError
-from kd.verify import ROOT, VerifyError, read_lock, run, tool_env
+from kd.dvc_project import ROOT, VerifyError, read_lock, run, tool_env
 
 DEFAULT_STAGES = ("teacher@{first_strategy}", "eval@student")
 
@@ -184,9 +184,9 @@ def verify_committed(src: Path = ROOT, stages: list[str] | None = None, workdir:
 
 
 def _hashes(lock: dict, stage: str) -> dict[str, str]:
-    from kd.verify import _out_hash
+    from kd.run_compare import out_hash
 
-    return {o["path"]: _out_hash(o) for o in lock.get(stage, {}).get("outs", [])}
+    return {o["path"]: out_hash(o) for o in lock.get(stage, {}).get("outs", [])}
 
 
 def _compare(stage: str, paths: list[str], kept: Path, clone: Path, lock_a: dict, lock_b: dict,

@@ -2,7 +2,7 @@
 what is allowed, and leaves every output already produced as it was.
 
 Each case runs three ways on a project whose every stage output exists (placeholders recorded in dvc.lock):
-  * `kd.verify.preflight` (what `kd repro` runs before DVC touches anything),
+  * `kd.preflight.preflight` (what `kd repro` runs before DVC touches anything),
   * the stage that owns the input, in this process, with every model loader booby-trapped,
 and a few also as `kd repro` / stage subprocesses (exit 2, one `error:` line, no traceback).
 Property-based tests (hypothesis) cover the params validator and the GSM8K answer parser."""
@@ -30,7 +30,8 @@ from hypothesis import strategies as st
 from kd.answers import extract_flexible, extract_strict, normalise, parse_gold, score
 from kd.errors import KdError, ParamError
 from kd.params import validate
-from kd.verify import make_copy, placeholder_outputs, preflight, read_lock, tool_env
+from kd.dvc_project import make_copy, placeholder_outputs, read_lock, tool_env
+from kd.preflight import preflight
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = yaml.safe_load((ROOT / "profiles/tiny.yaml").read_text())

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kd.verify import make_copy, tool_env
+from kd.dvc_project import make_copy, tool_env
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from kd.errors import ArtefactError, KdError
-from kd.verify import make_copy, placeholder_outputs, read_lock, tool_env
+from kd.dvc_project import make_copy, placeholder_outputs, read_lock, tool_env
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -332,7 +332,7 @@ def test_killed_writer_leaves_the_old_file_and_a_temp_dvc_ignores(tmp_path):
     assert target.read_bytes() == old
     leftovers = list((root / "data/prepared").glob(".transfer.jsonl.*.tmp"))
     assert leftovers, "expected the killed writer's temp folder"
-    from kd.verify import stale_stages
+    from kd.dvc_project import stale_stages
 
     assert stale_stages(root) == set(), "DVC saw the temp folder inside an output"
 

@@ -30,7 +30,9 @@ from kd.errors import ArtefactError, KdError, ParamError
 from kd.names import is_model, is_strategy
 from kd.params import validate
 from kd.prompting import FIELDS, fill, load_strategies, template_fields
-from kd.verify import make_copy, placeholder_outputs, preflight, read_lock, repro_lock, tool_env
+from kd.dvc_project import make_copy, placeholder_outputs, read_lock, tool_env
+from kd.preflight import preflight
+from kd.repro import repro_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = yaml.safe_load((ROOT / "profiles/tiny.yaml").read_text())

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from kd.cli import cli
 from stage_runner import in_process  # stages/<name>.py run in this process
-from kd.verify import make_copy
+from kd.dvc_project import make_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

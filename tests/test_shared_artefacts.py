@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kd.verify import make_copy, read_lock, run, tool_env
+from kd.dvc_project import make_copy, read_lock, run, tool_env
 from kd.verify_committed import drift_report, exit_code, render, verify_committed
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from kd.cli import cli
 from stage_runner import in_process  # stages/<name>.py run in this process
-from kd.verify import make_copy, placeholder_outputs, tool_env
+from kd.dvc_project import make_copy, placeholder_outputs, tool_env
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
