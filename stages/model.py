@@ -10,7 +10,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import click  # noqa: E402
 
 from kd.cli_util import run_stage  # noqa: E402
-from kd.models import materialise, validate_spec  # noqa: E402
+from kd.materialise import materialise  # noqa: E402
+from kd.models import validate_spec  # noqa: E402
 from kd.params import load_params  # noqa: E402
 
 

