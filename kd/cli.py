@@ -255,13 +255,16 @@ def tune(n_trials, timeout, apply_, report_only):
 
     Needs `dvc repro logits@<tune.strategy> model@student prepare`."""
     from kd.params import load_params
-    from kd import tune as t
+    from kd.tune import run_study
+    from kd.tune_apply import apply_best
+    from kd.tune_results import write_results
+    from kd.tune_storage import load_study
 
     root = Path.cwd()
     if apply_ and report_only:
         raise KdError("--apply and --report exclude each other")
     if apply_:
-        changes = t.apply_best(root)
+        changes = apply_best(root)
         for key, (old, new) in changes.items():
             click.echo(f"params.yaml: {key}: {old} -> {new}")
         if not changes:
@@ -272,9 +275,9 @@ def tune(n_trials, timeout, apply_, report_only):
         return
     p = load_params()
     if report_only:
-        t.write_results(t.load_study(p, root), p, root, echo=click.echo)
+        write_results(load_study(p, root), p, root, echo=click.echo)
         return
-    t.run_study(p, root, n_trials=n_trials, timeout=timeout, echo=click.echo)
+    run_study(p, root, n_trials=n_trials, timeout=timeout, echo=click.echo)
 
 
 def main():

