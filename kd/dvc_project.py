@@ -142,7 +142,6 @@ def placeholder_outputs(root: Path, env: dict[str, str] | None = None) -> None:
     run(["dvc", "commit", "-f", "-q"], root, env or tool_env())
 
 
-
 # ------------------------------------------------------------------------------------------ what DVC records
 
 
@@ -151,7 +150,6 @@ def read_lock(root: Path) -> dict[str, dict]:
     if not path.exists():
         raise VerifyError(f"{path}: missing (did `dvc repro` run?)")
     return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("stages", {})
-
 
 
 def stale_stages(root: Path) -> set[str]:

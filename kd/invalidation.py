@@ -139,6 +139,7 @@ def applied(root: Path, change: Change):
     finally:
         path.write_bytes(original)
 
+
 @dataclass
 class InvalidationRow:
     change: str

@@ -115,7 +115,6 @@ def compare_metrics(root_a: Path, root_b: Path, rtol: float | None = None,
     return diffs
 
 
-
 def compare_projects(root_a: Path, root_b: Path, tolerance: tuple[float, float] | None = None
                      ) -> tuple[list[StageRow], list[tuple[str, str, Any, Any]], str | None]:
     """Two finished runs: (stage rows, metric differences, the first difference in words or None)."""

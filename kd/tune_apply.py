@@ -14,7 +14,6 @@ PARAM_KEYS = {"alpha": ("alpha",), "temperature": ("temperature",), "lr": ("dist
               "lora_r": ("distill", "lora", "r")}
 
 
-
 def apply_best(root: Path = Path("."), params_path: str = "params.yaml") -> dict[str, tuple]:
     """Write metrics/tune.json's best values into params.yaml, keeping its comments and layout (ruamel round trip);
     the result is validated before it replaces the file. Returns {dotted key: (old, new)}."""

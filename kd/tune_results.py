@@ -14,11 +14,10 @@ PAPER = {"alpha": 0.6093348343631224, "temperature": 5.942267335064758, "trials"
          "note": "Optuna TPE, 35 trials, on the GSM8K test split, another model pair"}
 METRICS = Path("metrics/tune.json")
 REPORT_DIR = Path("reports/tune")
-# where a best value goes in params.yaml
+
 
 def objective_label(objective: str) -> str:
     return "validation error (1 - strict accuracy)" if objective == "accuracy" else "validation gold NLL/token"
-
 
 
 def summarise_study(study, p: dict) -> dict:

@@ -77,7 +77,6 @@ def load_study(p: dict, root: Path = Path(".")):
     return study
 
 
-
 def finished(study) -> list:
     from optuna.trial import TrialState
 

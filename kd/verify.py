@@ -116,7 +116,6 @@ def _has_gpu(extra_env: dict[str, str] | None) -> bool:
         return False
 
 
-
 def verify(src: Path = ROOT, profile: str = "tiny", tolerance: tuple[float, float] | None = None,
            workdir: Path | None = None, keep: bool = False, invalidation: bool = True, reproduce: bool = True,
            echo: Callable[[str], None] = print, extra_env: dict[str, str] | None = None) -> Verdict:
