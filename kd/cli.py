@@ -88,7 +88,7 @@ def validate(path):
               help="Re-run a sample of stages in a fresh clone and compare with the committed artefacts "
                    "(identical, or a drift report where the environment differs). docs/reproducibility.md")
 @click.option("--stage", "stages", multiple=True,
-              help="With --committed: a stage to re-run (repeatable; default teacher@<first strategy>, eval@student).")
+              help="With --committed: a stage to re-run (repeatable; default teacher@<first strategy>, eval_student@student).")
 def verify(profile_name, tolerance, rtol, atol, skip_invalidation, quick, keep, workdir, committed, stages):
     """Run the pipeline twice from scratch in temp copies; compare every output and metric; check that each
     param/file change invalidates exactly the stages that use it. Exit 1 naming the first difference."""
