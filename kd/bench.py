@@ -3,9 +3,11 @@
 Items (issue 9): 1 decode vs forward tokens/s (the batched-decoding ceiling), 2 the decoder vs HF `generate` at
 batch 1 and at a fixed batch (the teacher stage's decoder before kd/decode.py), plus the decoder's token
 agreement with batch-1 `generate`, 3 a distill step vs a plain SFT (CE-only) step, 4 offline teacher signal vs
-an online teacher forward at every step, 5 `dvc status` / no-op `dvc repro` wall time. Each pair runs
-alternately, `repeats` times, best time kept. Not measured here: item 6 (growth with the question count,
-which needs whole-stage runs).
+an online teacher forward at every step, 5 `dvc status` / no-op `dvc repro` wall time, 6 growth: the work of the
+teacher stage (continuous-batching generation at the teacher's batch), of eval (the student's generation at the
+eval batch) and of distill (training steps) at 1x and 4x the question count, as the exponent of t ~ n^k. Each pair
+runs alternately, `repeats` times, best time kept. Model loading and process start (a few seconds a stage) are
+not in item 6.
 """
 
 from __future__ import annotations
@@ -156,6 +158,24 @@ def bench_decoding(model, tokenizer, *, n: int, batch: int, max_new: int, b1_row
     }
 
 
+def bench_growth_decoding(model, tokenizer, *, n: int, batch: int, max_new: int) -> dict:
+    """6: generation wall time for n and 4n questions at a fixed batch (rows leave and join as they finish)."""
+    import math
+
+    pad = tokenizer.pad_token_id
+    prompts = prompts_for(tokenizer, 4 * n)
+    stops = _stops(model, tokenizer, prompts[:n], max_new)
+    times, res = _best({
+        "1x": lambda: greedy_decode(model, prompts[:n], max_new_tokens=max_new, stop_ids=stops, pad_id=pad,
+                                    batch_size=batch),
+        "4x": lambda: greedy_decode(model, prompts, max_new_tokens=max_new, stop_ids=stops, pad_id=pad,
+                                    batch_size=batch),
+    }, 1)
+    return {"questions": [n, 4 * n], "batch": batch, "max_new_tokens": max_new, "seconds": [times["1x"], times["4x"]],
+            "tokens": [sum(map(len, res["1x"])), sum(map(len, res["4x"]))],
+            "exponent": math.log(times["4x"] / times["1x"]) / math.log(4)}
+
+
 def _train_step_child(conn, student_dir, teacher_dir, dtype, variant, seq, resp, steps, threads):
     """One kind of training step, `steps` times, in a fresh process (for its own peak memory)."""
     torch.set_num_threads(threads)
@@ -222,6 +242,23 @@ def bench_training(student_dir, teacher_dir, dtype: str, *, seq: int, resp: int,
             / out["distill_online"]["tokens_per_s"]}
 
 
+def bench_growth_training(student_dir, teacher_dir, dtype: str, *, seq: int, resp: int, steps: int) -> dict:
+    """6: distill (offline signal) wall time for `steps` and 4x `steps` examples (one example a step)."""
+    import math
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    secs = []
+    for k in (steps, 4 * steps):
+        a, b = ctx.Pipe()
+        p = ctx.Process(target=_train_step_child, args=(b, str(student_dir), str(teacher_dir), dtype,
+                                                        "distill_offline", seq, resp, k, torch.get_num_threads()))
+        p.start()
+        secs.append(a.recv()["seconds"])
+        p.join()
+    return {"questions": [steps, 4 * steps], "seconds": secs, "exponent": math.log(secs[1] / secs[0]) / math.log(4)}
+
+
 def bench_dvc(root: Path) -> dict:
     """5: wall time of `dvc status` and, when that finds nothing to do, of a no-op `dvc repro`."""
     def run(*args):
@@ -236,14 +273,17 @@ def bench_dvc(root: Path) -> dict:
     return out
 
 
-SIZES = {  # prompts, batch (today's teacher batch for the real pair), max_new_tokens, batch-1 rows, repeats
-    "tiny": dict(n=16, batch=8, max_new=48, b1_rows=6, repeats=2, seq=256, resp=128, steps=3),
-    "real": dict(n=24, batch=24, max_new=160, b1_rows=3, repeats=1, seq=384, resp=160, steps=2),
+SIZES = {  # prompts, batch (today's teacher batch for the real pair), max_new_tokens, batch-1 rows, repeats;
+    # growth: base question count (and 4x), the teacher's and eval's batch sizes (the cpu profile's)
+    "tiny": dict(n=16, batch=8, max_new=48, b1_rows=6, repeats=2, seq=256, resp=128, steps=3,
+                 growth_n=4, teacher_batch=8, eval_batch=4),
+    "real": dict(n=24, batch=24, max_new=160, b1_rows=3, repeats=1, seq=384, resp=160, steps=2,
+                 growth_n=6, teacher_batch=24, eval_batch=16),
 }
 
 
 def run_bench(models_dir: Path, size: str, dtype: str, root: Path, out: Path, train: bool = True,
-              log: Callable[[str], None] = print) -> dict:
+              growth: bool = True, log: Callable[[str], None] = print) -> dict:
     from kd.io import write_json
     from kd.loading import load_model, load_tokenizer
     from kd.seeding import seed_everything
@@ -257,11 +297,21 @@ def run_bench(models_dir: Path, size: str, dtype: str, root: Path, out: Path, tr
         log(f"bench: decoding, {role}")
         result["models"][role] = bench_decoding(model, tok, n=cfg["n"], batch=cfg["batch"], max_new=cfg["max_new"],
                                                 b1_rows=cfg["b1_rows"], repeats=cfg["repeats"])
+        if growth:  # the teacher stage's generation (teacher) and eval's (student) at 1x and 4x the questions
+            log(f"bench: growth, {role}")
+            result["models"][role]["6_growth"] = bench_growth_decoding(
+                model, tok, n=cfg["growth_n"], max_new=cfg["max_new"],
+                batch=cfg["teacher_batch"] if role == "teacher" else cfg["eval_batch"])
         del model
     if train:
         log("bench: training steps (sft, distill offline, distill online)")
         result["training"] = bench_training(models_dir / "student", models_dir / "teacher", dtype,
                                             seq=cfg["seq"], resp=cfg["resp"], steps=cfg["steps"])
+        if growth:
+            log("bench: growth, distill steps")
+            result["training"]["6_growth"] = bench_growth_training(
+                models_dir / "student", models_dir / "teacher", dtype, seq=cfg["seq"], resp=cfg["resp"],
+                steps=cfg["steps"])
     log("bench: dvc")
     result["dvc"] = bench_dvc(root)
     write_json(out, result)
@@ -292,6 +342,13 @@ def table(r: dict) -> str:
         lines.append(f"| 4 | offline / online teacher signal, step speed | | "
                      f"{tr['4_offline_vs_online_speedup']:.2f}x | |")
     d = r["dvc"]
+    for name, g in (("teacher generation", t.get("6_growth")), ("eval generation (student)", s.get("6_growth")),
+                    ("distill steps", r.get("training", {}).get("6_growth"))):
+        if g:
+            col = "| {} | |".format(f"{g['exponent']:.2f}") if name.startswith("teacher") else \
+                "| | {} |".format(f"{g['exponent']:.2f}")
+            lines.append(f"| 6 | {name}: {g['questions'][0]} -> {g['questions'][1]} questions, "
+                         f"{g['seconds'][0]:.1f} -> {g['seconds'][1]:.1f} s, exponent k (t ~ n^k) {col} 1 = linear |")
     lines.append(f"| 5 | `dvc status` seconds | {d['status_seconds']:.2f} s | | <= 2 s |")
     if "noop_repro_seconds" in d:
         lines.append(f"| 5 | no-op `dvc repro` seconds | {d['noop_repro_seconds']:.2f} s | | <= 2 s |")

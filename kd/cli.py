@@ -88,7 +88,7 @@ def validate(path):
               help="Re-run a sample of stages in a fresh clone and compare with the committed artefacts "
                    "(identical, or a drift report where the environment differs). docs/reproducibility.md")
 @click.option("--stage", "stages", multiple=True,
-              help="With --committed: a stage to re-run (repeatable; default teacher@<first strategy>, eval@student).")
+              help="With --committed: a stage to re-run (repeatable; default teacher@<first strategy>, eval_student@student).")
 def verify(profile_name, tolerance, rtol, atol, skip_invalidation, quick, keep, workdir, committed, stages):
     """Run the pipeline twice from scratch in temp copies; compare every output and metric; check that each
     param/file change invalidates exactly the stages that use it. Exit 1 naming the first difference."""
@@ -135,10 +135,11 @@ def verify(profile_name, tolerance, rtol, atol, skip_invalidation, quick, keep, 
 @click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), default="reports/bench.json", show_default=True)
 @click.option("--no-train", is_flag=True, help="Skip items 3-4 (training steps).")
+@click.option("--no-growth", is_flag=True, help="Skip item 6 (time at 1x and 4x the questions).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch threads (default: torch's own). On a machine shared with other work, 1 avoids "
                    "threads spinning against each other (measured 10x slower decoding at 2 threads under load).")
-def bench(size, models_dir, dtype, out, no_train, threads):
+def bench(size, models_dir, dtype, out, no_train, no_growth, threads):
     """Speed ratios measured side by side (decoder, training step, dvc); writes --out and prints a table."""
     import tempfile
 
@@ -161,7 +162,7 @@ def bench(size, models_dir, dtype, out, no_train, threads):
                 save_tiny(f"tiny-{role}", real / role)
         elif not (real / "teacher" / "config.json").exists():
             raise KdError(f"{real}/teacher: no model folder (run `dvc repro model@teacher` or pass --profile tiny)")
-        result = run_bench(real, size, dtype, root, Path(out), train=not no_train,
+        result = run_bench(real, size, dtype, root, Path(out), train=not no_train, growth=not no_growth,
                            log=lambda m: click.echo(m, err=True))
     click.echo(table(result))
     click.echo(f"wrote {out}")

@@ -4,7 +4,7 @@ Model math on a CPU depends on the kernels the math libraries pick at run time (
 ISA: AVX2 / AVX-512 / AVX512-BF16 / AMX), on the thread count (reduction order) and on the package versions.
 Each model stage writes `environment/<stage>.json` (a cache: false output of its own, so a machine that
 changes only this file does not re-run the stages downstream); the report reads them all, writes the headline
-`metrics/environment.json` (a few keys, so `dvc metrics diff` between two machines shows that they differed)
+`metrics/environment.json` (the fingerprint, so `dvc metrics diff` between two machines shows that they differed)
 and a table. Everything here is a property of the machine and installation, never of the run: no time,
 host name, PID or path, so two runs on one machine write the same bytes.
 """
@@ -119,25 +119,12 @@ def isa_summary(isa: list[str]) -> str:
 
 
 def headline(envs: dict[str, dict]) -> dict:
-    """A handful of keys for metrics/environment.json; `mixed` where the stages ran in different environments."""
+    """metrics/environment.json: the one key `dvc metrics diff` needs to show that two runs ran in different
+    environments (`mixed` where the stages did); the report's environment table has the rest."""
     if not envs:
-        return {"fingerprint": "none recorded", "stages": 0}
-
-    def one(get):
-        vals = sorted({json.dumps(get(e)) for e in envs.values()})
-        return json.loads(vals[0]) if len(vals) == 1 else "mixed"
-
-    return {
-        "fingerprint": one(lambda e: e["fingerprint"]),
-        "cpu": one(lambda e: e["cpu"]["model"]),
-        "isa": one(lambda e: isa_summary(e["cpu"]["isa"])),
-        "isa_hash": one(lambda e: hashlib.sha256(" ".join(e["cpu"]["isa"]).encode()).hexdigest()[:8]),
-        "torch_cpu_capability": one(lambda e: e["torch"]["cpu_capability"]),
-        "threads": one(lambda e: e["torch"]["threads"]),
-        "torch": one(lambda e: e["packages"]["torch"]),
-        "transformers": one(lambda e: e["packages"]["transformers"]),
-        "stages": len(envs),
-    }
+        return {"fingerprint": "none recorded"}
+    fps = sorted({e["fingerprint"] for e in envs.values()})
+    return {"fingerprint": fps[0] if len(fps) == 1 else "mixed"}
 
 
 def write_headline(root: str | os.PathLike = ".") -> dict:

@@ -5,7 +5,7 @@ template, greedy). Our code renders the prompts, writes them plus a filled-in co
 temp dir, runs `lm_eval.simple_evaluate` on an HFLM (a peft adapter for `kd-<strategy>`), turns lm-eval's
 per-sample log into one row per question and cross-checks the totals against lm-eval's own aggregate.
 
-Outputs (atomic, byte-stable): metrics/eval/<model>.json (flat keys, for `dvc metrics diff`) and
+Outputs (atomic, byte-stable): results/eval/<model>.json (flat keys, for `dvc metrics diff`) and
 reports/eval/<model>/samples.jsonl (one row per question, sorted by id).
 """
 
@@ -33,7 +33,7 @@ INVALID = "[invalid]"  # lm-eval's regex-filter fallback when nothing matches; s
 
 EVAL_DATA = Path("data/prepared/eval.jsonl")
 MODELS_DIR = Path("models")
-METRICS_DIR = Path("metrics/eval")
+METRICS_DIR = Path("results/eval")
 REPORTS_DIR = Path("reports/eval")
 
 # ----------------------------------------------------------------------------------------------- models
@@ -310,7 +310,7 @@ def check_against_lm_eval(rows: Sequence[dict], task_results: dict, expected_n: 
 
 
 def summarise(rows: Sequence[dict]) -> dict:
-    """The flat metrics dict written to metrics/eval/<model>.json."""
+    """The flat metrics dict written to results/eval/<model>.json."""
     from kd.stats import wilson_interval
 
     n = len(rows)

@@ -100,15 +100,15 @@ def collect(params: dict, root: str | Path = ".") -> dict:
     data: dict[str, Any] = {"models": models, "strategies": strategies, "eval": {}, "samples": {},
                             "teacher": {}, "distill": {}}
     for m in models:
-        path = root / "metrics/eval" / f"{m}.json"
+        path = root / "results/eval" / f"{m}.json"
         data["eval"][m] = _need(path, read_json(path), EVAL_KEYS)
         data["samples"][m] = _samples(root / "reports/eval" / m / "samples.jsonl", data["eval"][m])
     for s in strategies:
-        path = root / "metrics/teacher" / f"{s}.json"
+        path = root / "results/teacher" / f"{s}.json"
         data["teacher"][s] = _need(path, read_json(path), TEACHER_KEYS)
     for arm in trained_arms(strategies):
         name = "finetune" if arm == "finetune" else arm[len("kd-"):]
-        path = root / "metrics/distill" / f"{name}.json"
+        path = root / "results/distill" / f"{name}.json"
         data["distill"][arm] = _need(path, read_json(path), DISTILL_KEYS)
     data["summary"] = read_json(root / "data/prepared/summary.json")
     from kd.environment import load_environments, render_table
@@ -216,13 +216,35 @@ def analyse(params: dict, data: dict, attention: list[dict]) -> dict:
             "attention_means": attention_means(attention), "selection": sel}
 
 
-def metrics(an: dict) -> dict:
-    """metrics/report.json: only what no other metrics file holds (each number lives in one file): the paired
-    comparisons with the base student and the verdict."""
-    out: dict[str, Any] = {"best_arm": an["verdict"]["best"] or "none"}
-    for m, cmp in an["comparisons"].items():
-        out[m] = {f"{k}_{kind}": num(cmp[kind][src]) for kind in KINDS
-                  for k, src in (("delta", "diff"), ("p", "p"), ("mde", "mde"))}
+def _pp(x: float | None) -> float | None:
+    """A fraction as percent, 2 decimals: what the headline metrics show (the details keep full precision)."""
+    return None if x is None else round(100 * x, 2)
+
+
+def headline(an: dict) -> dict[str, dict]:
+    """The headline metrics, one small file per (kind, row), each number in exactly one metrics file:
+    metrics/<kind>/<arm>.json (eval split: accuracy, Wilson 95 % interval, and for trained arms the paired
+    McNemar p against the base student with the smallest difference it could detect) and
+    metrics/<kind>/teacher@<strategy>.json (the teacher on the transfer set, what the KD arms learn from).
+    Rows share their keys, so `dvc metrics show` is one narrow table (DVC unions the keys of all files into
+    columns); percentages, so a one-answer change reads as a few lines in `dvc metrics diff`."""
+    from kd.stats import wilson_interval
+
+    out: dict[str, dict] = {}
+    for kind in KINDS:
+        for m in an["data"]["models"]:
+            e = an["eval"][m]
+            row = {"acc": _pp(e[f"accuracy_{kind}"]), "lo": _pp(e[f"ci95_{kind}_low"]),
+                   "hi": _pp(e[f"ci95_{kind}_high"])}
+            if m in an["comparisons"]:
+                c = an["comparisons"][m][kind]
+                row.update(p=num(round(c["p"], 4)), mde=_pp(c["mde"]))
+            out[f"metrics/{kind}/{m}.json"] = row
+        for s, t in an["data"]["teacher"].items():
+            k = round(t[f"accuracy_{kind}"] * t["n"])
+            lo, hi = wilson_interval(k, t["n"])
+            out[f"metrics/{kind}/teacher@{s}.json"] = {"acc": _pp(t[f"accuracy_{kind}"]), "lo": _pp(lo),
+                                                       "hi": _pp(hi)}
     return out
 
 
@@ -347,8 +369,8 @@ def plot_attention(an: dict) -> bytes:
 
 
 def write_report(params: dict, attention: list[dict], root: str | Path = ".") -> dict:
-    """Read inputs under `root`, write reports/{index.md,index.html,attention.json,plots/} and
-    metrics/report.json (all atomically). Returns the flat metrics."""
+    """Read inputs under `root`, write reports/{index.md,index.html,attention.json,plots/} and the headline
+    metrics/<kind>/*.json (all atomically). Returns the verdict's best arm (None: no significant winner) and them."""
     root = Path(root)
     an = analyse(params, collect(params, root), attention)
     with atomic_path(root / "reports/plots") as tmp:
@@ -361,6 +383,11 @@ def write_report(params: dict, attention: list[dict], root: str | Path = ".") ->
     markdown = render_markdown(an)
     write_text(root / "reports/index.md", markdown)
     write_text(root / "reports/index.html", render_html(markdown))
-    m = metrics(an)
-    write_json(root / "metrics/report.json", m)
-    return m
+    h = headline(an)
+    for kind in KINDS:  # stale rows (an arm or strategy no longer in the params) must not linger as metrics
+        for f in sorted((root / "metrics" / kind).glob("*.json")):
+            if f"metrics/{kind}/{f.name}" not in h:
+                f.unlink()
+    for path, row in h.items():
+        write_json(root / path, row)
+    return {"best_arm": an["verdict"]["best"], "headline": h}

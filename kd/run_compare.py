@@ -81,8 +81,9 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def metrics_files(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in (root / "metrics").rglob("*.json")) if (root / "metrics").is_dir() \
-        else []
+    """The headline metrics (metrics/) and the per-stage details behind them (results/)."""
+    return sorted(str(p.relative_to(root)) for d in ("metrics", "results") if (root / d).is_dir()
+                  for p in (root / d).rglob("*.json"))
 
 
 def values_match(key: str, a: Any, b: Any, rtol: float | None, atol: float | None) -> bool:

@@ -26,7 +26,7 @@ from kd.environment import ENV_DIR, fingerprint_of
 from kd.errors import KdError
 from kd.dvc_project import ROOT, VerifyError, read_lock, run, tool_env
 
-DEFAULT_STAGES = ("teacher@{first_strategy}", "eval@student")
+DEFAULT_STAGES = ("teacher@{first_strategy}", "eval_student@student")
 
 
 @dataclass
@@ -211,7 +211,7 @@ def _compare(stage: str, paths: list[str], kept: Path, clone: Path, lock_a: dict
         if rows is not None:
             check.drift = drift_report(_rows(_rows_file(kept / rows)), _rows(_rows_file(clone / rows)))
         else:  # committed bytes not at hand: accuracies from the committed metrics file, unpaired
-            m = next((p for p in paths if p.startswith("metrics/") and (kept / p).is_file()), None)
+            m = next((p for p in paths if p.startswith("results/") and (kept / p).is_file()), None)
             if m is not None:
                 check.drift = metrics_drift(json.loads((kept / m).read_text()), json.loads((clone / m).read_text()))
     return check

@@ -37,7 +37,7 @@ def main(strategy):
     model = lora_student("models/student", s["dtype"], s["trust_remote_code"], cfg["lora"], p["seed"])
     run_training(f"distill@{strategy}", model, examples, inputs.teacher_for, cfg,
                  p["alpha"], p["temperature"], p["seed"], run_fp, adapter_dir=f"models/kd-{strategy}",
-                 curves_dir=f"reports/distill/{strategy}", metrics_path=f"metrics/distill/{strategy}.json",
+                 curves_dir=f"reports/distill/{strategy}", metrics_path=f"results/distill/{strategy}.json",
                  work_dir=f".kd-work/distill/{strategy}", width=inputs.vocab["kd_width"],
                  extra={"skipped": len(skipped), "filtered_out": len(inputs.responses) - len(kept),
                         "response_filter": cfg["response_filter"], "hard_target": cfg["hard_target"],

@@ -38,7 +38,7 @@ def main():
     # alpha = 1: the loss is the cross-entropy alone; no teacher signal is read
     run_training("finetune", model, examples, lambda i: None, cfg, 1.0, 1.0, p["seed"], run_fp,
                  adapter_dir="models/finetune", curves_dir="reports/distill/finetune",
-                 metrics_path="metrics/distill/finetune.json", work_dir=".kd-work/finetune",
+                 metrics_path="results/distill/finetune.json", work_dir=".kd-work/finetune",
                  extra={"skipped": len(skipped), "hard_target": "gold"})
     record_environment("finetune")  # environment/finetune.json: the lineage beyond params + code
 

@@ -54,7 +54,7 @@ def main(strategy):
                "accuracy_flexible": sum(r["correct_flexible"] for r in out) / n,
                "mean_response_tokens": tokens / n, "finished_fraction": sum(r["finished"] for r in out) / n}
     write_jsonl(f"data/teacher/{strategy}/responses.jsonl", out)
-    write_json(f"metrics/teacher/{strategy}.json", metrics)
+    write_json(f"results/teacher/{strategy}.json", metrics)
     record_environment(f"teacher-{strategy}")  # environment/teacher-<s>.json: the lineage beyond params + code
     shutil.rmtree(work, ignore_errors=True)
     dt = time.time() - t0

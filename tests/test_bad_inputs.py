@@ -36,7 +36,7 @@ from kd.preflight import preflight
 ROOT = Path(__file__).resolve().parents[1]
 TINY = yaml.safe_load((ROOT / "profiles/tiny.yaml").read_text())
 EDITABLE = ["params.yaml", "strategies.yaml", "tests/data/gsm8k/train.jsonl", "tests/data/gsm8k/test.jsonl"]
-OUTPUT_ROOTS = ["data", "models", "metrics", "reports", "dvc.lock"]
+OUTPUT_ROOTS = ["data", "models", "metrics", "results", "reports", "dvc.lock"]
 
 
 # ------------------------------------------------------------------------------------------------ project

@@ -2,7 +2,7 @@
 
 import torch
 
-from kd.bench import bench_decoding, machine, table
+from kd.bench import bench_decoding, bench_growth_decoding, machine, table
 
 
 def test_bench_decoding_smoke(tiny_models):
@@ -22,3 +22,19 @@ def test_bench_decoding_smoke(tiny_models):
     text = table({"machine": m, "size": "tiny", "dtype": "float32", "models": {"teacher": r, "student": r},
                   "dvc": {"status_seconds": 1.0}})
     assert "| 2 | decoder / HF generate, batch 3 |" in text and "3/3" in text
+
+
+def test_growth_smoke(tiny_models):
+    """Item 6: the same decoder at 1x and 4x the questions; 4x the questions make at least as many tokens."""
+    from kd.loading import load_model, load_tokenizer
+
+    tok = load_tokenizer(tiny_models / "student")
+    model = load_model(tiny_models / "student", "float32", device="cpu")
+    g = bench_growth_decoding(model, tok, n=2, batch=2, max_new=8)
+    assert g["questions"] == [2, 8] and g["tokens"][1] >= g["tokens"][0] > 0  # the first 2 prompts are in both
+    assert all(t > 0 for t in g["seconds"]) and isinstance(g["exponent"], float)
+    r = bench_decoding(model, tok, n=3, batch=3, max_new=8, b1_rows=1, repeats=1)
+    r["6_growth"] = g
+    text = table({"machine": machine(), "size": "tiny", "dtype": "float32", "models": {"teacher": r, "student": r},
+                  "dvc": {"status_seconds": 1.0}})
+    assert "| 6 | teacher generation: 2 -> 8 questions" in text

@@ -50,9 +50,8 @@ def test_headline_and_table():
     other["cpu"]["model"] = "Another CPU"
     other["fingerprint"] = fingerprint_of(other)
     h = headline({"teacher-none": e, "eval-student": e})
-    assert h["fingerprint"] == e["fingerprint"] and h["stages"] == 2 and h["cpu"] == e["cpu"]["model"]
-    mixed = headline({"teacher-none": e, "eval-student": other})
-    assert mixed["fingerprint"] == "mixed" and mixed["cpu"] == "mixed" and mixed["torch"] == e["packages"]["torch"]
+    assert h == {"fingerprint": e["fingerprint"]}  # one column in `dvc metrics show`; the table has the rest
+    assert headline({"teacher-none": e, "eval-student": other}) == {"fingerprint": "mixed"}
     table = render_table({"teacher-none": e, "eval-student": other})
     assert table.count(e["fingerprint"]) == 1 and "Another CPU" in table and "different environments" in table
     assert isa_summary(["avx2", "avx512f", "amx_bf16"]) == "AMX" and isa_summary(["avx2"]) == "AVX2"

@@ -113,7 +113,7 @@ def _read(path):
 def test_student_end_to_end_matches_plain_transformers(root):
     p = _params(batch_size=1)  # batch 1: bit-for-bit the same computation as the reference
     s = ev.evaluate_model("student", p, root=root, device="cpu")
-    metrics_path = root / "metrics" / "eval" / "student.json"
+    metrics_path = root / "results" / "eval" / "student.json"
     samples_path = root / "reports" / "eval" / "student" / "samples.jsonl"
     metrics = json.loads(metrics_path.read_text())
     rows = _read(samples_path)
@@ -163,7 +163,7 @@ def test_kd_adapter_goes_through_peft(root):
     ev.evaluate_model("kd-none", p, root=root, device="cpu")
     rows = _read(root / "reports" / "eval" / "kd-none" / "samples.jsonl")
     student = _read(root / "reports" / "eval" / "student" / "samples.jsonl")
-    assert len(rows) == 4 and json.loads((root / "metrics" / "eval" / "kd-none.json").read_text())["n"] == 4
+    assert len(rows) == 4 and json.loads((root / "results" / "eval" / "kd-none.json").read_text())["n"] == 4
     prompts = [r["prompt"] for r in rows]
     ref = _reference(root / "models" / "student", prompts, MAX_NEW, adapter=root / "models" / "kd-none")
     assert [(r["response"], r["response_tokens"]) for r in rows] == ref
@@ -287,7 +287,7 @@ def test_scoring_known_responses_through_lm_eval(tmp_path, monkeypatch):
         # lm-eval's scoring and kd.answers (used on teacher responses) agree
         mine = score(resp, gold)
         assert (mine["correct_strict"], mine["correct_flexible"]) == correct, i
-    metrics = json.loads((tmp_path / "metrics" / "eval" / "student.json").read_text())
+    metrics = json.loads((tmp_path / "results" / "eval" / "student.json").read_text())
     assert (metrics["correct_strict"], metrics["correct_flexible"], metrics["n"]) == (3, 4, 7)
     assert metrics["accuracy_strict"] == 3 / 7 and s["accuracy_flexible"] == 4 / 7
     # zero-shot, chat-templated, the rendered prompt as the only user turn
@@ -389,7 +389,7 @@ def test_stage_prints_summary(monkeypatch, tmp_path):
     res = CliRunner().invoke(_stage().main, ["teacher"])
     assert res.exit_code == 0, res.output
     assert re.search(r"^eval@teacher: 7 items, \d+ tokens, [\d.]+ s; accuracy strict 0\.429", res.stdout, re.M)
-    assert (tmp_path / "metrics" / "eval" / "teacher.json").exists()
+    assert (tmp_path / "results" / "eval" / "teacher.json").exists()
 
 
 # ------------------------------------------------------------------------------- evaluated = trained (7.1)
@@ -480,6 +480,6 @@ def test_our_eval_equals_the_lm_eval_command_line(tmp_path):
         assert (r["response"], r["correct_strict"], r["correct_flexible"]) == \
             (o["response"], o["correct_strict"], o["correct_flexible"]), r["id"]
     results = json.loads(next(out.rglob("results_*.json")).read_text())["results"][ev.TASK_NAME]
-    metrics = json.loads((root / "metrics" / "eval" / "student.json").read_text())
+    metrics = json.loads((root / "results" / "eval" / "student.json").read_text())
     assert results["exact_match,strict-match"] == metrics["accuracy_strict"]
     assert results["exact_match,flexible-extract"] == metrics["accuracy_flexible"]

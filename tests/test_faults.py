@@ -120,9 +120,9 @@ def fresh(tiny: Path, tmp_path: Path) -> Path:
 
 def test_teacher_killed_mid_way_reuses_finished_chunks(tiny, tmp_path, capfd):
     root = fresh(tiny, tmp_path)
-    reference = tree_bytes(tiny, f"data/teacher/{S}", f"metrics/teacher/{S}.json")
+    reference = tree_bytes(tiny, f"data/teacher/{S}", f"results/teacher/{S}.json")
     shutil.rmtree(root / f"data/teacher/{S}")
-    (root / f"metrics/teacher/{S}.json").unlink()
+    (root / f"results/teacher/{S}.json").unlink()
     work = root / ".kd-work/teacher" / S
 
     proc = subprocess.Popen([sys.executable, "stages/teacher.py", S], cwd=root, env=env(root),
@@ -139,12 +139,12 @@ def test_teacher_killed_mid_way_reuses_finished_chunks(tiny, tmp_path, capfd):
     err = capfd.readouterr().err
     # the chunks finished before the kill were read back, not generated again (fingerprint matched)
     assert f"reused {len(done)} of 3 finished chunks" in err, err[-2000:]
-    assert tree_bytes(root, f"data/teacher/{S}", f"metrics/teacher/{S}.json") == reference
+    assert tree_bytes(root, f"data/teacher/{S}", f"results/teacher/{S}.json") == reference
     assert not work.exists(), "the work folder is removed once the output is written"
 
 
 def test_distill_killed_mid_epoch_resumes_to_the_same_adapter(tiny, tmp_path, capfd):
-    outs = (f"models/kd-{S}", f"metrics/distill/{S}.json", f"reports/distill/{S}")
+    outs = (f"models/kd-{S}", f"results/distill/{S}.json", f"reports/distill/{S}")
     ref = fresh(tiny, tmp_path / "ref")
     in_process(ref, "distill", S)  # uninterrupted
     reference = tree_bytes(ref, *outs)
@@ -160,7 +160,7 @@ def test_distill_killed_mid_epoch_resumes_to_the_same_adapter(tiny, tmp_path, ca
     with safe_open(str(ckpt), framework="pt") as f:
         step = int(f.metadata()["step"])
     assert 2 <= step < 12, f"checkpoint at step {step}: not mid-epoch 1 of 2 (12 steps each)"
-    assert not (root / f"models/kd-{S}").exists() and not (root / f"metrics/distill/{S}.json").exists()
+    assert not (root / f"models/kd-{S}").exists() and not (root / f"results/distill/{S}.json").exists()
 
     capfd.readouterr()
     in_process(root, "distill", S)  # the re-run

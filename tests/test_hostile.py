@@ -385,7 +385,7 @@ def test_instruction_too_long_for_the_context_fails_before_weights(run):
 
 def test_failed_distill_keeps_the_previous_training_curves(run):
     """distill used to delete reports/distill/<s> before training; a failure then lost the curves."""
-    before = tree_digest(run, [f"reports/distill/{S}", f"models/kd-{S}", f"metrics/distill/{S}.json"])
+    before = tree_digest(run, [f"reports/distill/{S}", f"models/kd-{S}", f"results/distill/{S}.json"])
     assert any(k.startswith(f"reports/distill/{S}/") for k in before)
     import kd.trainer
 
@@ -401,7 +401,7 @@ def test_failed_distill_keeps_the_previous_training_curves(run):
             in_stage(run, "distill", S, trap=False)
     finally:
         kd.trainer.train = real
-    assert tree_digest(run, [f"reports/distill/{S}", f"models/kd-{S}", f"metrics/distill/{S}.json"]) == before
+    assert tree_digest(run, [f"reports/distill/{S}", f"models/kd-{S}", f"results/distill/{S}.json"]) == before
     assert not list((run / "reports/distill").glob(".*.tmp")), "the temp curves folder was left behind"
 
 

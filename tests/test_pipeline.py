@@ -60,13 +60,19 @@ def test_repro_produces_every_output(project):
         assert [r["id"] for r in responses] == sorted(r["id"] for r in responses)
         assert json.loads((root / f"data/logits/{s}/manifest.json").read_text())["recompute_max_abs_diff"] == 0.0
         assert (root / f"models/kd-{s}/adapter_model.safetensors").exists()
-        assert json.loads((root / f"metrics/distill/{s}.json").read_text())["steps"] > 0
+        assert json.loads((root / f"results/distill/{s}.json").read_text())["steps"] > 0
     assert (root / "models/finetune/adapter_model.safetensors").exists()  # the fine-tune control
     for m in ["teacher", "student", "student_cot", "finetune"] + [f"kd-{s}" for s in STRATEGIES]:
-        metrics = json.loads((root / f"metrics/eval/{m}.json").read_text())
+        metrics = json.loads((root / f"results/eval/{m}.json").read_text())
         assert 0.0 <= metrics["accuracy_strict"] <= 1.0 and metrics["n"] == 8 and "truncated" in metrics
-    report = json.loads((root / "metrics/report.json").read_text())
-    assert set(report) == {"best_arm", "finetune", *(f"kd-{s}" for s in STRATEGIES)}
+    for kind in ("strict", "flexible"):  # the headline: one row per arm and per teacher strategy, same keys
+        rows = {p.stem: json.loads(p.read_text()) for p in (root / "metrics" / kind).glob("*.json")}
+        assert set(rows) == {"teacher", "student", "student_cot", "finetune", *(f"kd-{s}" for s in STRATEGIES),
+                             *(f"teacher@{s}" for s in STRATEGIES)}
+        assert all(set(r) in ({"acc", "lo", "hi"}, {"acc", "lo", "hi", "p", "mde"}) for r in rows.values()), rows
+    # `dvc metrics show` is one narrow table (DVC makes a column of every key any metrics file has)
+    shown = _run(["dvc", "metrics", "show"], root, env)
+    assert max(map(len, shown.splitlines())) <= 120, shown
     assert (root / "reports/index.html").exists() and (root / "reports/index.md").exists()
     assert "accuracy" in (root / "reports/index.md").read_text().lower()
     status = _run(["dvc", "status"], root, env)
@@ -96,5 +102,7 @@ def test_alpha_change_reruns_only_what_alpha_touches(project):
     ran = set(re.findall(r"Running stage '([^']+)'", out))
     expected = {f"distill@{s}" for s in STRATEGIES} | {f"eval_kd@{s}" for s in STRATEGIES} | {"report"}
     assert ran == expected, out
-    diff = _run(["dvc", "metrics", "diff"], root, env)
-    assert "metrics/distill/none.json" in diff and "final_loss" in diff, diff
+    diff = _run(["dvc", "metrics", "diff"], root, env)  # the headline: only what changed, if anything did
+    assert all(len(line) <= 120 for line in diff.splitlines()) and "results/" not in diff, diff
+    before = json.loads(_run(["git", "show", "HEAD:results/distill/none.json"], root, env))  # the detail did change
+    assert json.loads((root / "results/distill/none.json").read_text())["final_loss"] != before["final_loss"]

@@ -20,7 +20,8 @@ from kd.stats import wilson_interval
 REPO = Path(__file__).resolve().parent.parent
 N = 20
 OUTPUTS = ["reports/index.md", "reports/index.html", "reports/attention.json", "reports/accuracy.json",
-           "reports/plots/accuracy.png", "reports/plots/attention.png", "metrics/report.json"]
+           "reports/plots/accuracy.png", "reports/plots/attention.png", "metrics/strict/student.json",
+           "metrics/flexible/kd-teacher.json", "metrics/strict/teacher@none.json"]
 
 
 def arms(params):
@@ -71,16 +72,16 @@ def fabricate(root: Path, params) -> dict:
         ks, kf = sum(s for s, _ in rows), sum(f for _, f in rows)
         ls, hs = wilson_interval(ks, N)
         lf, hf = wilson_interval(kf, N)
-        _dump(root / "metrics/eval" / f"{m}.json",
+        _dump(root / "results/eval" / f"{m}.json",
               {"accuracy_strict": ks / N, "accuracy_flexible": kf / N, "ci95_strict_low": ls, "ci95_strict_high": hs,
                "ci95_flexible_low": lf, "ci95_flexible_high": hf, "correct_strict": ks, "correct_flexible": kf,
                "n": N, "mean_response_tokens": 17.25 + len(m), "truncated": 3})
     for j, s in enumerate(params["prompting"]["strategies"]):
-        _dump(root / "metrics/teacher" / f"{s}.json", {"accuracy_strict": 0.125 * j, "accuracy_flexible": 0.25,
+        _dump(root / "results/teacher" / f"{s}.json", {"accuracy_strict": 0.125 * j, "accuracy_flexible": 0.25,
                                                        "n": 8, "mean_response_tokens": 24.0,
                                                        "finished_fraction": 0.75})
     for j, s in enumerate(["finetune"] + params["prompting"]["strategies"]):
-        _dump(root / "metrics/distill" / f"{s}.json", {"final_loss": 3.1 + j / 7, "final_ce": 4.0, "final_kd": 0.01,
+        _dump(root / "results/distill" / f"{s}.json", {"final_loss": 3.1 + j / 7, "final_ce": 4.0, "final_kd": 0.01,
                                                        "steps": 16, "examples": 8,
                                                        "hard_target": "gold" if j == 0 else "teacher"})
     _dump(root / "data/prepared/summary.json", {"source": "jsonl:tests/data/gsm8k", "note": "a | b note",
@@ -119,18 +120,29 @@ def test_outputs_and_metrics(built, params):
     root, corr, m = built
     for rel in OUTPUTS:
         assert (root / rel).is_file(), rel
-    assert json.loads((root / "metrics/report.json").read_text()) == m
-    # each number in one metrics file: accuracies live in metrics/eval/*, not here
-    assert set(m) == {"best_arm", *trained(params)}
-    # paired difference vs the base student, against an independent count + binomial reference
+    # the headline: one file per (kind, row) with the same few keys, percent; each number in one metrics file
+    h = m["headline"]
+    assert sorted(h) == sorted(str(p.relative_to(root)) for p in (root / "metrics").rglob("*.json"))
+    for rel, row in h.items():
+        assert json.loads((root / rel).read_text()) == row
+    assert m["best_arm"] is None or m["best_arm"] in trained(params)
     base = corr["student"]
-    for model in trained(params):
+    for model in arms(params):
         for idx, kind in enumerate(("strict", "flexible")):
+            row = h[f"metrics/{kind}/{model}.json"]
+            k = sum(1 for a in corr[model] if a[idx])
+            lo, hi = wilson_interval(k, N)
+            assert (row["acc"], row["lo"], row["hi"]) == (round(100 * k / N, 2), round(100 * lo, 2), round(100 * hi, 2))
+            if model not in trained(params):
+                assert set(row) == {"acc", "lo", "hi"}
+                continue
+            # paired comparison vs the base student, against an independent count + binomial reference
             c = sum(1 for a, b in zip(corr[model], base) if a[idx] and not b[idx])
             b = sum(1 for a, b in zip(corr[model], base) if b[idx] and not a[idx])
-            assert m[model][f"delta_{kind}"] == pytest.approx((c - b) / N, abs=1e-6)
-            assert m[model][f"p_{kind}"] == pytest.approx(ref_mcnemar(b, c), rel=1e-5)
-            assert m[model][f"mde_{kind}"] == pytest.approx(mcnemar_mde(N, (b + c) / N), abs=1e-6)
+            assert row["p"] == pytest.approx(ref_mcnemar(b, c), abs=5e-5)
+            assert row["mde"] == pytest.approx(100 * mcnemar_mde(N, (b + c) / N), abs=5e-3)
+    for s in params["prompting"]["strategies"]:
+        assert set(h[f"metrics/strict/teacher@{s}.json"]) == {"acc", "lo", "hi"}
     acc = json.loads((root / "reports/accuracy.json").read_text())
     assert [(r["model"], r["metric"]) for r in acc] == [(a, k) for a in arms(params) for k in ("strict", "flexible")]
 
@@ -141,10 +153,10 @@ def test_no_winner_from_a_tie(tmp_path, params):
     base = (tmp_path / "reports/eval/student/samples.jsonl").read_bytes()
     for arm in trained(params):  # every trained arm answers exactly like the base student
         (tmp_path / "reports/eval" / arm / "samples.jsonl").write_bytes(base)
-        (tmp_path / "metrics/eval" / f"{arm}.json").write_bytes((tmp_path / "metrics/eval/student.json").read_bytes())
+        (tmp_path / "results/eval" / f"{arm}.json").write_bytes((tmp_path / "results/eval/student.json").read_bytes())
     m = write_report(params, [], tmp_path)
     md = (tmp_path / "reports/index.md").read_text()
-    assert m["best_arm"] == "none"
+    assert m["best_arm"] is None
     assert "No trained arm differs detectably" in md and "Best" not in md and "beats" not in md
 
 
@@ -154,9 +166,9 @@ def test_winner_only_when_significant(tmp_path, params):
     for arm in trained(params):
         better = [{**r, "correct_flexible": arm == "kd-teacher" or r["correct_flexible"]} for r in rows]
         (tmp_path / "reports/eval" / arm / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in better))
-        d = json.loads((tmp_path / "metrics/eval/student.json").read_text())
+        d = json.loads((tmp_path / "results/eval/student.json").read_text())
         d["correct_flexible"] = sum(r["correct_flexible"] for r in better)
-        (tmp_path / "metrics/eval" / f"{arm}.json").write_text(json.dumps(d))
+        (tmp_path / "results/eval" / f"{arm}.json").write_text(json.dumps(d))
     m = write_report(params, [], tmp_path)
     md = (tmp_path / "reports/index.md").read_text()
     gained = sum(not r["correct_flexible"] for r in rows)
@@ -208,10 +220,10 @@ def test_byte_identical_rerun_and_fresh_process(built, params, tmp_path_factory)
 
 def test_missing_model_names_the_file(tmp_path, params):
     fabricate(tmp_path, params)
-    (tmp_path / "metrics/eval/kd-teacher.json").unlink()
-    with pytest.raises(KdError, match=r"metrics/eval/kd-teacher\.json: missing"):
+    (tmp_path / "results/eval/kd-teacher.json").unlink()
+    with pytest.raises(KdError, match=r"results/eval/kd-teacher\.json: missing"):
         write_report(params, [], tmp_path)
-    assert not (tmp_path / "reports/index.md").exists() and not (tmp_path / "metrics/report.json").exists()
+    assert not (tmp_path / "reports/index.md").exists() and not (tmp_path / "metrics").exists()
 
 
 def test_missing_samples_and_distill_name_the_file(tmp_path, params):
@@ -220,14 +232,14 @@ def test_missing_samples_and_distill_name_the_file(tmp_path, params):
     with pytest.raises(ArtefactError, match=r"reports/eval/kd-none/samples\.jsonl"):
         write_report(params, [], tmp_path)
     fabricate(tmp_path, params)
-    (tmp_path / "metrics/distill/teacher.json").unlink()
-    with pytest.raises(ArtefactError, match=r"metrics/distill/teacher\.json"):
+    (tmp_path / "results/distill/teacher.json").unlink()
+    with pytest.raises(ArtefactError, match=r"results/distill/teacher\.json"):
         write_report(params, [], tmp_path)
 
 
 def test_inconsistent_inputs_rejected(tmp_path, params):
     fabricate(tmp_path, params)
-    path = tmp_path / "metrics/eval/student.json"
+    path = tmp_path / "results/eval/student.json"
     d = json.loads(path.read_text())
     d["correct_strict"] += 1  # stale metrics next to newer samples
     path.write_text(json.dumps(d))

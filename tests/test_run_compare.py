@@ -49,13 +49,13 @@ def _project(root: Path, lock: dict, metrics: dict[str, dict]) -> Path:
 
 
 def test_first_difference_exact_and_within_tolerance(tmp_path):
-    lock_a = _lock(distill=[("metrics/distill/none.json", "1")])
-    lock_b = _lock(distill=[("metrics/distill/none.json", "2")])
-    a = _project(tmp_path / "a", lock_a, {"metrics/distill/none.json": {"final_loss": 1.0, "steps": 16}})
-    b = _project(tmp_path / "b", lock_b, {"metrics/distill/none.json": {"final_loss": 1.0 + 1e-9, "steps": 16}})
+    lock_a = _lock(distill=[("results/distill/none.json", "1")])
+    lock_b = _lock(distill=[("results/distill/none.json", "2")])
+    a = _project(tmp_path / "a", lock_a, {"results/distill/none.json": {"final_loss": 1.0, "steps": 16}})
+    b = _project(tmp_path / "b", lock_b, {"results/distill/none.json": {"final_loss": 1.0 + 1e-9, "steps": 16}})
     rows, diffs, first = compare_projects(a, b)
-    assert first == "output metrics/distill/none.json of stage distill differs between two runs"
-    assert diffs == [("metrics/distill/none.json", "final_loss", 1.0, 1.0 + 1e-9)]
+    assert first == "output results/distill/none.json of stage distill differs between two runs"
+    assert diffs == [("results/distill/none.json", "final_loss", 1.0, 1.0 + 1e-9)]
     rows, diffs, first = compare_projects(a, b, tolerance=(1e-3, 1e-6))
     assert first is None and diffs == []  # bytes differ, metrics agree within the stated tolerance
     text = render(Verdict(first is None, first, rows, diffs, [], [], (1e-3, 1e-6), {}))
@@ -72,6 +72,6 @@ def test_metric_rules():
 
 
 def test_metrics_file_missing_on_one_side(tmp_path):
-    a = _project(tmp_path / "a", {}, {"metrics/eval/kd-none.json": {"n": 8}})
+    a = _project(tmp_path / "a", {}, {"results/eval/kd-none.json": {"n": 8}})
     b = _project(tmp_path / "b", {}, {})
-    assert compare_metrics(a, b) == [("metrics/eval/kd-none.json", "(file)", True, False)]
+    assert compare_metrics(a, b) == [("results/eval/kd-none.json", "(file)", True, False)]

@@ -58,7 +58,7 @@ def test_dvc_pull_gives_a_colleague_the_committed_outputs(pushed):
     assert _outputs(b) == _outputs(a)
     assert (b / "environment/teacher-none.json").read_bytes() == (a / "environment/teacher-none.json").read_bytes()
     headline = json.loads((b / "metrics/environment.json").read_text())
-    assert headline["stages"] == len(list((a / "environment").glob("*.json"))) and headline["fingerprint"] != "mixed"
+    assert headline["fingerprint"] not in ("mixed", "none recorded")
     # `dvc repro` after a pull recomputes nothing
     assert "Running stage" not in run(["dvc", "repro"], b, env).stdout
 
