@@ -63,7 +63,7 @@ def render(v: Verdict) -> str:
             out.append(f"Metrics that differ ({'beyond the tolerance' if v.tolerance else 'bit for bit'}):")
             out += [f"  {f} {k}: {a!r} vs {b!r}" for f, k, a, b in v.metric_diffs[:20]]
         else:
-            out.append(f"Metrics: every value in metrics/**/*.json {ident}.")
+            out.append(f"Metrics: every value in metrics/**/*.json and results/**/*.json {ident}.")
         out.append("")
     if v.invalidation:
         rows = []
