@@ -24,6 +24,7 @@ from kd.io import save_safetensors
 from kd.loss import combine, response_losses
 from kd.params import RESPONSE_FILTERS
 from kd.prompting import chat_ids, render_question
+from kd.qlora import make_optimizer
 
 CALCULATOR = re.compile(r"<<[^>]*>>")
 
@@ -127,7 +128,7 @@ def example_loss(model, ex: Example, teacher_logits: Callable[[int, int], torch.
 
 
 class Checkpoint:
-    """Trainable (LoRA) weights + optimizer momentum + RNG + step + logged history, as safetensors.
+    """Trainable (LoRA) weights + optimizer state + RNG + step + logged history, as safetensors.
     Written atomically every `every` steps; a resumed run continues to the same bits as an unbroken one."""
 
     def __init__(self, path: Path, fingerprint: str):
@@ -136,10 +137,12 @@ class Checkpoint:
     def save(self, model, optimizer, step: int, history: list[dict]) -> None:
         tensors = {f"param/{n}": p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
         for i, group in enumerate(optimizer.param_groups):
-            for j, p in enumerate(group["params"]):
-                buf = optimizer.state.get(p, {}).get("momentum_buffer")
-                if buf is not None:
-                    tensors[f"momentum/{i}/{j}"] = buf.detach().cpu()
+            for j, p in enumerate(group["params"]):  # SGD's momentum, AdamW8bit's quantized moments, ...
+                for key, v in optimizer.state.get(p, {}).items():
+                    if torch.is_tensor(v):
+                        tensors[f"optim/{i}/{j}/{key}"] = v.detach().cpu()
+                    else:  # a python number (bitsandbytes' step count): restored as one
+                        tensors[f"optim/{i}/{j}/{key}#number"] = torch.tensor(v)
         tensors["rng/torch"] = torch.get_rng_state()
         meta = {"fingerprint": self.fingerprint, "step": str(step), "history": json.dumps(history)}
         save_safetensors(tensors, self.path, metadata=meta)
@@ -167,8 +170,11 @@ class Checkpoint:
                     params[k[len("param/"):]].copy_(v)
         for i, group in enumerate(optimizer.param_groups):
             for j, p in enumerate(group["params"]):
-                if f"momentum/{i}/{j}" in tensors:
-                    optimizer.state[p]["momentum_buffer"] = tensors[f"momentum/{i}/{j}"].to(p.device).clone()
+                prefix = f"optim/{i}/{j}/"
+                for k in (k for k in tensors if k.startswith(prefix)):
+                    key, v = k[len(prefix):], tensors[k]
+                    optimizer.state[p][key.removesuffix("#number")] = (
+                        v.item() if key.endswith("#number") else v.to(p.device).clone())
         torch.set_rng_state(tensors["rng/torch"])
         return int(meta["step"]), json.loads(meta["history"])
 
@@ -179,7 +185,7 @@ def train(model, examples: list[Example], teacher_for: Callable[[int], Callable[
           width: int | None = None) -> list[dict]:
     """Run the whole schedule; returns the per-step history [{step, epoch, loss, ce, kd, lr}]."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+    opt = make_optimizer(params, cfg)
     total = cfg["epochs"] * len(examples)
     resumed = checkpoint.load(model, opt)
     step, history = resumed if resumed else (0, [])

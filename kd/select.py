@@ -171,7 +171,8 @@ def select_targets(p: dict, root: Path, strategy: str, echo: Callable[[str], Non
         kept = select_responses(responses, filt)
         kept_n[(hard, filt)] = len(kept)
         examples, _ = build_examples(kept, questions, tok, instruction, cfg["max_length"], hard)
-        model = lora_student(root / "models/student", s["dtype"], s["trust_remote_code"], cfg["lora"], p["seed"])
+        model = lora_student(root / "models/student", s["dtype"], s["trust_remote_code"], cfg["lora"], p["seed"],
+                             quantization=s["quantization"])
         if examples:
             with tempfile.TemporaryDirectory(prefix="kd-select-") as work:
                 train(model, examples, lambda i: (lambda a, b: signal.logits(i, a, b)), {**cfg, "hard_target": hard},

@@ -25,14 +25,16 @@ def weights_digest(model_dir: str | Path) -> list[str]:
     return sorted(sha256_file(f) for f in Path(model_dir).glob("*.safetensors"))
 
 
-def lora_student(model_dir: str | Path, dtype: str, trust_remote_code: bool, lora: dict, seed: int):
-    """The student with fresh LoRA adapters (A drawn from the seeded global generator, B zero)."""
+def lora_student(model_dir: str | Path, dtype: str, trust_remote_code: bool, lora: dict, seed: int,
+                 quantization: str | None = None):
+    """The student with fresh LoRA adapters (A drawn from the seeded global generator, B zero); with
+    `quantization` (student.quantization) a QLoRA student: the frozen base in bitsandbytes 4/8 bit."""
     import torch
     from peft import LoraConfig, get_peft_model
 
     from kd.loading import load_model
 
-    model = load_model(model_dir, dtype, trust_remote_code)
+    model = load_model(model_dir, dtype, trust_remote_code, quantization=quantization)
     torch.manual_seed(seed)  # LoRA A matrices are drawn from the global generator
     return get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
                                             target_modules=lora["target_modules"], task_type="CAUSAL_LM"))

@@ -42,7 +42,8 @@ def main(strategy):
     check_context(p, ".", {"student": tok}, uses=("distill",))  # before the weights load
     examples, skipped = build_examples(kept, questions, tok, p["prompting"]["instruction"], cfg["max_length"],
                                        cfg["hard_target"])
-    model = lora_student("models/student", s["dtype"], s["trust_remote_code"], cfg["lora"], p["seed"])
+    model = lora_student("models/student", s["dtype"], s["trust_remote_code"], cfg["lora"], p["seed"],
+                         quantization=s["quantization"])
     run_training(f"distill@{strategy}", model, examples, lambda i: (lambda a, b: signal.logits(i, a, b)), cfg,
                  p["alpha"], p["temperature"], p["seed"], run_fp, adapter_dir=f"models/kd-{strategy}",
                  curves_dir=f"reports/distill/{strategy}", metrics_path=f"metrics/distill/{strategy}.json",
