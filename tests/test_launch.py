@@ -1,6 +1,7 @@
 """compute.processes (kd/launch.py): a stage re-executes itself under `accelerate launch` with the repo's
 accelerate config, N processes share the work, rank 0 merges in id order. Proven here on the CPU with 2 processes
-and the gloo backend on the tiny profile: the teacher's responses are byte-identical to one process's."""
+and the gloo backend on the tiny profile: the teacher's responses and the teacher-signal shards are byte-identical
+to one process's."""
 
 import subprocess
 import sys
@@ -34,6 +35,7 @@ def _params(root: Path, processes: int) -> None:
     p = yaml.safe_load((ROOT / "profiles/tiny.yaml").read_text())
     p["prompting"]["strategies"] = ["none"]
     p["teacher"]["batch_size"] = 1   # chunks of 4 rows: the 8 transfer questions make 2 chunks, one per process
+    p["logits"]["shard_rows"] = 40   # several signal shards, each checked on its first example
     p["compute"]["processes"] = processes
     (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False), encoding="utf-8")
 
@@ -45,13 +47,20 @@ def _stage(root: Path, *args: str) -> str:
     return res.stdout + res.stderr
 
 
+def _files(d: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted(d.iterdir())}
+
+
 def test_two_gloo_processes_give_the_teachers_bytes(tmp_path):
     root = make_copy(ROOT, tmp_path / "project")
     _params(root, 1)
     for args in (("prepare",), ("model", "teacher")):
         in_process(root, *args)
     _stage(root, "teacher", "none")
+    _stage(root, "logits", "none")
     one = {f: (root / f).read_bytes() for f in ("data/teacher/none/responses.jsonl", "metrics/teacher/none.json")}
+    signal = _files(root / "data/logits/none")
+    assert len([f for f in signal if f.startswith("shard-")]) >= 3, sorted(signal)
     _params(root, 2)
     out = _stage(root, "teacher", "none")
     assert "accelerate.commands.launch --config_file" in out and "cpu-gloo.yaml" in out, out
@@ -59,3 +68,7 @@ def test_two_gloo_processes_give_the_teachers_bytes(tmp_path):
     for f, b in one.items():
         assert (root / f).read_bytes() == b, f
     assert not (root / ".kd-work/teacher/none").exists()
+    out = _stage(root, "logits", "none")
+    assert "process 0 of 2 captured 4 of 8 examples" in out and "process 1 of 2 captured 4 of 8" in out, out
+    assert _files(root / "data/logits/none") == signal   # every shard and the manifest, byte for byte
+    assert not (root / ".kd-work/logits/none").exists()
