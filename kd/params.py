@@ -152,6 +152,7 @@ SCHEMA: dict[str, Any] = {
                 "lr": _float(0.0, 10.0, lo_open=True), "momentum": _float(0.0, 1.0, hi_open=True),
                 "weight_decay": _float(0.0, 1.0), "max_length": _int(16, 10**6), "kd_chunk": _int(1, 10**6),
                 "checkpoint_every": _int(1, 10**9), "optimizer": _choice(OPTIMIZERS),
+                "batch_size": _int(1, 4096),
                 "lora": {"r": _int(1, 4096), "alpha": _float(0.0, 1e6, lo_open=True),
                          "dropout": _float(0.0, 1.0, hi_open=True), "target_modules": _str_list}},
     "eval": {"limit": _optional(_int(1, 10**7)), "max_new_tokens": _int(1, 32768),

@@ -8,6 +8,7 @@ import kd.portable; kd.portable.apply()  # noqa: E402,E702 - compute.portable: I
 
 import click
 
+from kd import launch
 from kd.cli_util import run_stage
 from kd.distill import build_examples, select_responses
 from kd.environment import record_environment
@@ -28,6 +29,9 @@ def main(strategy):
     p = load_params()
     stage_arg("strategy", strategy, p["prompting"]["strategies"], "prompting.strategies")  # before any path use
     cfg, s = p["distill"], p["student"]
+    # compute.processes > 1: accelerate launch, at most one process per example of an optimizer step
+    launch.relaunch(min(p["compute"]["processes"], cfg["batch_size"]), __file__, [strategy])
+    rank, procs = launch.init()
     responses = read_jsonl(f"data/teacher/{strategy}/responses.jsonl")
     questions = {r["id"]: r for r in read_jsonl("data/prepared/transfer.jsonl")}
     # every artefact check runs before the student loads
@@ -43,15 +47,17 @@ def main(strategy):
     examples, skipped = build_examples(kept, questions, tok, p["prompting"]["instruction"], cfg["max_length"],
                                        cfg["hard_target"])
     model = lora_student("models/student", s["dtype"], s["trust_remote_code"], cfg["lora"], p["seed"],
-                         quantization=s["quantization"])
-    run_training(f"distill@{strategy}", model, examples, lambda i: (lambda a, b: signal.logits(i, a, b)), cfg,
+                         quantization=s["quantization"], device=launch.device())
+    done = run_training(f"distill@{strategy}", model, examples, lambda i: (lambda a, b: signal.logits(i, a, b)), cfg,
                  p["alpha"], p["temperature"], p["seed"], run_fp, adapter_dir=f"models/kd-{strategy}",
                  curves_dir=f"reports/distill/{strategy}", metrics_path=f"metrics/distill/{strategy}.json",
                  work_dir=f".kd-work/distill/{strategy}", width=vocab["kd_width"],
                  extra={"skipped": len(skipped), "filtered_out": len(responses) - len(kept),
                         "response_filter": cfg["response_filter"], "hard_target": cfg["hard_target"],
-                        "kd_width": vocab["kd_width"]})
-    record_environment(f"distill-{strategy}")  # environment/distill-<s>.json: the lineage beyond params + code
+                        "kd_width": vocab["kd_width"]}, shard=(rank, procs))
+    if done is not None:  # rank 0 wrote the adapter, curves and metrics
+        record_environment(f"distill-{strategy}")
+    launch.finish()  # environment/distill-<s>.json: the lineage beyond params + code
 
 
 if __name__ == "__main__":
