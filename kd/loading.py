@@ -104,7 +104,9 @@ def load_model(path: str | Path, dtype: str = "bfloat16", trust_remote_code: boo
         kwargs["quantization_config"] = (
             BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch_dtype(dtype))
             if quantization == "bnb-4bit" else BitsAndBytesConfig(load_in_8bit=True))
-        kwargs["device_map"] = "auto" if (device or default_device()) == "cuda" else "cpu"
+        where = device or default_device()
+        # one process's own GPU (kd/launch.py: cuda:<local rank>), else spread over every visible GPU, or the CPU
+        kwargs["device_map"] = {"": where} if where.startswith("cuda:") else "auto" if where == "cuda" else "cpu"
     model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     if not quantization:
         model.to(device or default_device())
