@@ -24,6 +24,7 @@ from kd.io import save_safetensors
 from kd.loss import combine, response_losses
 from kd.params import RESPONSE_FILTERS
 from kd.prompting import chat_ids, render_question
+from kd.qlora import make_optimizer
 
 CALCULATOR = re.compile(r"<<[^>]*>>")
 
@@ -127,7 +128,7 @@ def example_loss(model, ex: Example, teacher_logits: Callable[[int, int], torch.
 
 
 class Checkpoint:
-    """Trainable (LoRA) weights + optimizer momentum + RNG + step + logged history, as safetensors.
+    """Trainable (LoRA) weights + optimizer state + RNG + step + logged history, as safetensors.
     Written atomically every `every` steps; a resumed run continues to the same bits as an unbroken one."""
 
     def __init__(self, path: Path, fingerprint: str):
@@ -136,10 +137,12 @@ class Checkpoint:
     def save(self, model, optimizer, step: int, history: list[dict]) -> None:
         tensors = {f"param/{n}": p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
         for i, group in enumerate(optimizer.param_groups):
-            for j, p in enumerate(group["params"]):
-                buf = optimizer.state.get(p, {}).get("momentum_buffer")
-                if buf is not None:
-                    tensors[f"momentum/{i}/{j}"] = buf.detach().cpu()
+            for j, p in enumerate(group["params"]):  # SGD's momentum, AdamW8bit's quantized moments, ...
+                for key, v in optimizer.state.get(p, {}).items():
+                    if torch.is_tensor(v):
+                        tensors[f"optim/{i}/{j}/{key}"] = v.detach().cpu()
+                    else:  # a python number (bitsandbytes' step count): restored as one
+                        tensors[f"optim/{i}/{j}/{key}#number"] = torch.tensor(v)
         tensors["rng/torch"] = torch.get_rng_state()
         meta = {"fingerprint": self.fingerprint, "step": str(step), "history": json.dumps(history)}
         save_safetensors(tensors, self.path, metadata=meta)
@@ -167,8 +170,11 @@ class Checkpoint:
                     params[k[len("param/"):]].copy_(v)
         for i, group in enumerate(optimizer.param_groups):
             for j, p in enumerate(group["params"]):
-                if f"momentum/{i}/{j}" in tensors:
-                    optimizer.state[p]["momentum_buffer"] = tensors[f"momentum/{i}/{j}"].to(p.device).clone()
+                prefix = f"optim/{i}/{j}/"
+                for k in (k for k in tensors if k.startswith(prefix)):
+                    key, v = k[len(prefix):], tensors[k]
+                    optimizer.state[p][key.removesuffix("#number")] = (
+                        v.item() if key.endswith("#number") else v.to(p.device).clone())
         torch.set_rng_state(tensors["rng/torch"])
         return int(meta["step"]), json.loads(meta["history"])
 
@@ -176,11 +182,21 @@ class Checkpoint:
 def train(model, examples: list[Example], teacher_for: Callable[[int], Callable[[int, int], torch.Tensor]],
           cfg: dict, alpha: float, temperature: float, seed: int, checkpoint: Checkpoint,
           checkpoint_every: int, on_step: Callable[[int, dict], None] | None = None,
-          width: int | None = None) -> list[dict]:
-    """Run the whole schedule; returns the per-step history [{step, epoch, loss, ce, kd, lr}]."""
+          width: int | None = None, shard: tuple[int, int] = (0, 1)) -> list[dict]:
+    """Run the whole schedule; returns the per-step history [{step, epoch, loss, ce, kd, lr}].
+
+    Each optimizer step takes the next `distill.batch_size` examples (B) of the epoch's seeded order; their losses
+    are averaged (gradient accumulation). shard=(rank, N) under compute.processes (kd/launch.py): process r takes
+    examples r, r+N, ... of each step's B and the gradients are summed over processes (all-reduce, as DDP does), so
+    which examples are trained on, in which step and order, never depends on N. With B > 1 each example's dropout
+    is seeded from (seed, epoch, id), so it does not depend on which process ran it either; B = 1 keeps the global
+    generator (the paper's effective batch 1, unchanged bits)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
-    total = cfg["epochs"] * len(examples)
+    opt = make_optimizer(params, cfg)
+    batch = cfg.get("batch_size", 1)
+    rank, size = shard
+    per_epoch = math.ceil(len(examples) / batch)
+    total = cfg["epochs"] * per_epoch
     resumed = checkpoint.load(model, opt)
     step, history = resumed if resumed else (0, [])
     if resumed:
@@ -191,30 +207,53 @@ def train(model, examples: list[Example], teacher_for: Callable[[int], Callable[
     model.train()
     for epoch in range(cfg["epochs"]):
         order = epoch_order(len(examples), seed, epoch)
-        for k, idx in enumerate(order):
-            if epoch * len(examples) + k < step:
+        for k in range(per_epoch):
+            if epoch * per_epoch + k < step:
                 continue  # done before the interruption
-            ex = examples[idx]
+            group = [examples[i] for i in order[k * batch:(k + 1) * batch]]
             lr = cosine_lr(cfg["lr"], step, total)
             for g in opt.param_groups:
                 g["lr"] = lr
-            losses = example_loss(model, ex, teacher_for(ex.id), alpha, temperature, cfg["loss"],
-                                  cfg["hard_target"], cfg["kd_chunk"], width)
-            if not torch.isfinite(losses["loss"]):
-                raise KdError(f"distill: non-finite loss at step {step} (example id {ex.id}); lower distill.lr")
-            losses["loss"].backward()
+            sums = torch.zeros(3, dtype=torch.float64)
+            for ex in group[rank::size]:
+                if batch > 1:
+                    torch.manual_seed((seed * 1000 + epoch) * 1_000_003 + ex.id)
+                losses = example_loss(model, ex, teacher_for(ex.id), alpha, temperature, cfg["loss"],
+                                      cfg["hard_target"], cfg["kd_chunk"], width)
+                if not torch.isfinite(losses["loss"]):
+                    raise KdError(f"distill: non-finite loss at step {step} (example id {ex.id}); lower distill.lr")
+                (losses["loss"] / len(group) if batch > 1 else losses["loss"]).backward()
+                sums += torch.tensor([float(losses[key].detach()) for key in ("loss", "ce", "kd")], dtype=torch.float64)
+            if size > 1:
+                _all_reduce_grads(params, sums)
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            rec = {"step": step, "epoch": epoch, "id": ex.id, "lr": lr,
-                   **{k: float(v.detach()) for k, v in losses.items()}}
+            rec = {"step": step, "epoch": epoch, "id": group[0].id if batch == 1 else [e.id for e in group],
+                   "lr": lr, **{key: float(v) / len(group) for key, v in zip(("loss", "ce", "kd"), sums)}}
             history.append(rec)
             if on_step:
                 on_step(step, rec)
-            if step % checkpoint_every == 0 and step < total:
+            if step % checkpoint_every == 0 and step < total and rank == 0:
                 checkpoint.save(model, opt, step, history)
     model.eval()
     return history
+
+
+def _all_reduce_grads(params: list, sums: torch.Tensor) -> None:
+    """Sum the trainable gradients (one flat buffer) and the logged loss sums over every process."""
+    import torch.distributed as dist
+
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
+    on_device = sums.to(flat.device)  # NCCL reduces CUDA tensors only
+    dist.all_reduce(on_device)
+    sums.copy_(on_device.cpu())
 
 
 def summarise(history: list[dict], n_examples: int, epochs: int) -> dict:

@@ -47,6 +47,7 @@ class ModelSpec:
     dtype: str
     trust_remote_code: bool
     prompt: str = "task"    # task | cot (kd.prompting.eval_prompt)
+    quantization: str | None = None  # student.quantization: a QLoRA arm is evaluated on its quantized base
 
 
 def resolve_model(name: str, params: dict, models_dir: str | Path = MODELS_DIR) -> ModelSpec:
@@ -56,7 +57,7 @@ def resolve_model(name: str, params: dict, models_dir: str | Path = MODELS_DIR) 
     arm = resolve(name, params["prompting"]["strategies"], models_dir)
     sect = params[arm.role]
     return ModelSpec(name, arm.model_dir, arm.adapter_dir, sect["dtype"], bool(sect.get("trust_remote_code", False)),
-                     arm.prompt)
+                     arm.prompt, sect.get("quantization") if arm.role == "student" else None)
 
 
 def check_model_files(spec: ModelSpec) -> None:
@@ -204,7 +205,8 @@ def _make_lm(spec: ModelSpec, batch_size: int, device: str):
     # We load the model ourselves, with an adapter arm's LoRA *unmerged*: evaluated = trained, to the bit (a merge
     # into bf16 weights rounds most of a small update away). The base and trained students go through identical
     # code (HFLM's own `peft=` path resizes the embeddings to the tokenizer, the plain path does not).
-    model = load_adapted(spec.pretrained, spec.peft, spec.dtype, spec.trust_remote_code, device=device)
+    model = load_adapted(spec.pretrained, spec.peft, spec.dtype, spec.trust_remote_code, device=device,
+                         quantization=spec.quantization)
     lm = _KdHFLM(pretrained=model, tokenizer=load_tokenizer(spec.pretrained, spec.trust_remote_code),
                  batch_size=int(batch_size), device=device, trust_remote_code=spec.trust_remote_code)
     lm.token_counts = {}

@@ -51,14 +51,23 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 def run_generation(model, tokenizer, rows: list[dict], template: str, instruction: str, max_new_tokens: int,
                    batch_size: int, work_dir: Path, fingerprint: str,
-                   progress: Callable[[int], None] | None = None) -> list[dict]:
+                   progress: Callable[[int], None] | None = None, shard: tuple[int, int] = (0, 1),
+                   sync: Callable[[], None] = lambda: None) -> list[dict]:
     """Generate for every row; finished chunks are kept in `work_dir` so a killed run resumes where it was.
-    `fingerprint` names everything the responses depend on: a batch from other settings is never reused."""
+    `fingerprint` names everything the responses depend on: a batch from other settings is never reused.
+
+    shard=(rank, N) under compute.processes (kd/launch.py): this process decodes chunks rank, rank+N, ... of the
+    fixed chunk order, `sync` waits for every process's chunks, and rank 0 merges them all in id order (the others
+    return []). Whole chunks, not rows, are shared out: a row's bits may depend on which rows shared its batch, so
+    this keeps every response byte-identical to one process's."""
     prompts = build_prompts(rows, template, instruction, tokenizer)
     done: dict[int, list[int]] = {}
     order = chunks(prompts, batch_size)
+    rank, size = shard
     reused = 0
     for n, batch in enumerate(order):
+        if n % size != rank:
+            continue  # another process's chunk (merged below)
         part = work_dir / f"chunk-{n:05d}.json"
         try:
             cached = read_json(part) if part.exists() else None
@@ -77,6 +86,19 @@ def run_generation(model, tokenizer, rows: list[dict], template: str, instructio
     if reused:
         print(f"teacher: reused {reused} of {len(order)} finished chunks from {work_dir} "
               "(an earlier run was interrupted)", file=sys.stderr)
+    if size > 1:
+        print(f"teacher: process {rank} of {size} decoded chunks {list(range(rank, len(order), size))} of "
+              f"{len(order)}", file=sys.stderr, flush=True)
+        sync()  # every process has written its chunks
+        if rank != 0:
+            return []
+        for n, batch in enumerate(order):
+            if n % size:
+                cached = read_json(work_dir / f"chunk-{n:05d}.json")
+                if cached.get("fingerprint") != fingerprint or cached["ids"] != [p["id"] for p in batch]:
+                    raise ArtefactError(f"{work_dir}/chunk-{n:05d}.json: not the chunk process {n % size} should "
+                                        "have written for this run")
+                done.update(zip(cached["ids"], cached["responses"]))
     by_id = {r["id"]: r for r in rows}
     out = []
     for p in sorted(prompts, key=lambda p: p["id"]):

@@ -84,7 +84,8 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
 def load_model(path: str | Path, dtype: str = "bfloat16", trust_remote_code: bool = False,
                attn_implementation: str | None = None, device: str | None = None,
                quantization: str | None = None):
-    """quantization: None, "bnb-4bit" (NF4, bf16 compute) or "bnb-8bit": bitsandbytes at load time, CUDA only.
+    """quantization: None, "bnb-4bit" (NF4, compute in `dtype`) or "bnb-8bit": bitsandbytes at load time, on CUDA
+    (spread over every visible GPU) or on the CPU (bitsandbytes >= 0.48 runs both there).
     The output layer is never quantized (bitsandbytes skips lm_head), so the teacher signal stays exact."""
     from transformers import AutoModelForCausalLM
 
@@ -93,25 +94,31 @@ def load_model(path: str | Path, dtype: str = "bfloat16", trust_remote_code: boo
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if quantization:
-        if not torch.cuda.is_available():
-            raise ArtefactError(f"teacher.quantization={quantization} needs a CUDA GPU (bitsandbytes); "
-                                "set it to null on a CPU machine")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ArtefactError(f"quantization={quantization} needs bitsandbytes (pip install bitsandbytes); "
+                                "it is not installed") from None
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = (
             BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch_dtype(dtype))
             if quantization == "bnb-4bit" else BitsAndBytesConfig(load_in_8bit=True))
-        kwargs["device_map"] = "auto"  # spread a large teacher over every visible GPU
+        where = device or default_device()
+        # one process's own GPU (kd/launch.py: cuda:<local rank>), else spread over every visible GPU, or the CPU
+        kwargs["device_map"] = {"": where} if where.startswith("cuda:") else "auto" if where == "cuda" else "cpu"
     model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     if not quantization:
         model.to(device or default_device())
+    else:
+        _narrow_nf4_off_cpu_fast_path(model)
     model.eval()
     return model
 
 
 def load_adapted(pretrained: str | Path, adapter: str | Path | None, dtype: str = "bfloat16",
                  trust_remote_code: bool = False, attn_implementation: str | None = None,
-                 device: str | None = None):
+                 device: str | None = None, quantization: str | None = None):
     """A model exactly as it was trained: the base weights plus, for an adapter arm, the LoRA adapter kept
     *unmerged* (peft keeps the adapter weights in float32).
 
@@ -119,7 +126,7 @@ def load_adapted(pretrained: str | Path, adapter: str | Path | None, dtype: str 
     ‖ΔW‖/‖W‖ is ~2e-4, below bf16's 2^-8 relative step) rounds away, so a merged student is not the one that was
     trained. Eval and the attention report both load through here."""
     model = load_model(pretrained, dtype, trust_remote_code, attn_implementation=attn_implementation,
-                       device=device)
+                       device=device, quantization=quantization)  # a QLoRA adapter: on its quantized base
     if adapter is None:
         return model
     adapter = Path(adapter)
@@ -132,6 +139,16 @@ def load_adapted(pretrained: str | Path, adapter: str | Path | None, dtype: str 
     model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
     model.eval()
     return model
+
+
+def _narrow_nf4_off_cpu_fast_path(model) -> None:
+    """bitsandbytes 0.50's CPU inference fast path for NF4 repacks each weight in blocks of 64 input columns and
+    crashes on a layer narrower than that (the tiny student's 32): keep such layers on the plain NF4 path."""
+    from bitsandbytes.nn import Linear4bit
+
+    for m in model.modules():
+        if isinstance(m, Linear4bit) and m.in_features % 64 and getattr(m, "support_avx512bf16_for_cpu", False):
+            m.support_avx512bf16_for_cpu = False
 
 
 def default_device() -> str:

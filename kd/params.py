@@ -12,13 +12,14 @@ from typing import Any, Callable
 
 from kd.dtypes import NAMES as DTYPES
 from kd.errors import ParamError
+from kd.qlora import OPTIMIZERS, check_params as check_qlora
 
 LOGIT_FORMATS = ["hidden", "full", "topk"]
 LOSSES = ["reverse_kl", "forward_kl", "jsd"]
 HARD_TARGETS = ["teacher", "gold"]
 RESPONSE_FILTERS = ["all", "finished", "correct"]  # which teacher responses distill trains on (kd.distill)
 TUNE_OBJECTIVES = ["accuracy", "nll"]  # kd tune: validation strict accuracy (lm-eval) | validation gold NLL
-QUANTIZATIONS = ["bnb-4bit", "bnb-8bit"]  # load-time quantization of the teacher (CUDA + bitsandbytes)
+QUANTIZATIONS = ["bnb-4bit", "bnb-8bit"]  # load-time bitsandbytes quantization (teacher; student: kd/qlora.py)
 SOURCE_RE = re.compile(r"^(hub:\S+|jsonl:\S+|pypi:[A-Za-z0-9_.\-]+(==\S+)?)$")
 
 
@@ -144,19 +145,20 @@ SCHEMA: dict[str, Any] = {
     "prompting": {"strategies": _strategy_list, "file": _str, "instruction": _instruction},
     "teacher": {**MODEL, "max_new_tokens": _int(1, 32768), "batch_size": _int(1, 4096),
                 "quantization": _optional(_choice(QUANTIZATIONS))},
-    "student": dict(MODEL),
+    "student": {**MODEL, "quantization": _optional(_choice(QUANTIZATIONS))},  # QLoRA (kd/qlora.py)
     "logits": {"format": _choice(LOGIT_FORMATS), "top_k": _int(1, 10**7), "shard_rows": _int(1, 10**9)},
     "distill": {"loss": _choice(LOSSES), "hard_target": _choice(HARD_TARGETS),
                 "response_filter": _choice(RESPONSE_FILTERS), "epochs": _int(1, 1000),
                 "lr": _float(0.0, 10.0, lo_open=True), "momentum": _float(0.0, 1.0, hi_open=True),
                 "weight_decay": _float(0.0, 1.0), "max_length": _int(16, 10**6), "kd_chunk": _int(1, 10**6),
-                "checkpoint_every": _int(1, 10**9),
+                "checkpoint_every": _int(1, 10**9), "optimizer": _choice(OPTIMIZERS),
+                "batch_size": _int(1, 4096),
                 "lora": {"r": _int(1, 4096), "alpha": _float(0.0, 1e6, lo_open=True),
                          "dropout": _float(0.0, 1.0, hi_open=True), "target_modules": _str_list}},
     "eval": {"limit": _optional(_int(1, 10**7)), "max_new_tokens": _int(1, 32768),
              "batch_size": _int(1, 4096)},
     "report": {"attention_prompts": _int(1, 256)},
-    "compute": {"portable": _bool},  # kd/portable.py
+    "compute": {"portable": _bool, "processes": _int(1, 4096)},  # kd/portable.py; kd/launch.py
     # `kd tune` (kd/tune.py): no stage reads these, so editing them never invalidates the pipeline
     "tune": {"strategy": _str, "objective": _choice(TUNE_OBJECTIVES), "n_trials": _int(1, 10**6),
              "timeout": _optional(_int(1, 10**8)), "storage": _str, "study": _optional(_str),
@@ -203,6 +205,7 @@ def validate(data: Any, root: str | Path = ".") -> dict:
                 raise ParamError("compute.portable", f"is true, which needs {role}.dtype float32, not "
                                  f"{p[role]['dtype']} (bf16 matmul kernels round differently on different CPUs; "
                                  "docs/reproducibility.md)", "false, or true with float32 teacher and student dtypes")
+    check_qlora(p)
     if p["tune"]["strategy"] not in p["prompting"]["strategies"]:
         raise ParamError("tune.strategy", f"is {p['tune']['strategy']!r}, not one of prompting.strategies",
                          ", ".join(p["prompting"]["strategies"]))

@@ -165,7 +165,8 @@ def select_targets(p: dict, root: Path, strategy: str, echo: Callable[[str], Non
         seed_everything(p["seed"])
         kept, examples, _ = inputs.examples(filt, instruction, cfg["max_length"], hard)
         kept_n[(hard, filt)] = len(kept)
-        model = lora_student(root / "models/student", s["dtype"], s["trust_remote_code"], cfg["lora"], p["seed"])
+        model = lora_student(root / "models/student", s["dtype"], s["trust_remote_code"], cfg["lora"], p["seed"],
+                             quantization=s["quantization"])
         if examples:
             with tempfile.TemporaryDirectory(prefix="kd-select-") as work:
                 train(model, examples, inputs.teacher_for, {**cfg, "hard_target": hard},

@@ -132,6 +132,64 @@ class SignalWriter:
         return manifest
 
 
+def shard_starts(rows: list[int], shard_rows: int) -> list[bool]:
+    """For examples of `rows` rows each, in id order: does the example open a new SignalWriter shard (where the
+    logits stage checks its recomputation)? Known before anything runs, so every process of a launch agrees."""
+    out, pending = [], 0
+    for n in rows:
+        start = pending == 0 or pending + n > shard_rows
+        out.append(start)
+        pending = n if (pending and pending + n > shard_rows) else pending + n
+    return out
+
+
+def write_signal(model, responses: list[dict], fmt: str, top_k: int, shard_rows: int, out_dir: str | Path | None,
+                 meta: dict, work_dir: str | Path, shard: tuple[int, int] = (0, 1), sync=lambda: None,
+                 progress=lambda n: None) -> dict | None:
+    """Capture every response's teacher signal into `out_dir` (shards + manifest, in id order); returns the manifest.
+
+    shard=(rank, N) under compute.processes (kd/launch.py): this process captures examples rank, rank+N, ... of the
+    id order into `work_dir`, `sync` waits for all, and rank 0 writes the shards from them in id order (the others
+    return None). Each example is one forward of its own, so the shards are byte-identical to one process's."""
+    rows = sorted(responses, key=lambda r: r["id"])
+    firsts = shard_starts([len(r["response_ids"]) for r in rows], shard_rows)
+    rank, size = shard
+    work_dir = Path(work_dir)
+
+    def one(k):
+        r = rows[k]  # the recomputation is checked on the first example of every shard
+        return capture(model, r["prompt_ids"], r["response_ids"], fmt, top_k, check_logits=firsts[k])
+
+    if size > 1:
+        from safetensors import safe_open
+
+        for k in range(rank, len(rows), size):
+            tensors, diff = one(k)
+            save_safetensors(tensors, work_dir / f"example-{rows[k]['id']}.safetensors",
+                             metadata={"diff": json.dumps(diff)})
+            progress(1)
+        print(f"logits: process {rank} of {size} captured {len(range(rank, len(rows), size))} of {len(rows)} "
+              "examples", flush=True)
+        sync()  # every process has written its examples
+        if rank != 0:
+            return None
+
+        def load(k):
+            with safe_open(str(work_dir / f"example-{rows[k]['id']}.safetensors"), framework="pt") as f:
+                return {key: f.get_tensor(key) for key in f.keys()}, json.loads(f.metadata()["diff"])
+        examples = (load(k) for k in range(len(rows)))
+    else:
+        examples = ((progress(1), one(k))[1] for k in range(len(rows)))
+    writer = SignalWriter(out_dir, fmt, shard_rows)
+    max_diff = 0.0
+    for r, (tensors, diff) in zip(rows, examples):
+        if diff is not None:
+            max_diff = max(max_diff, diff)
+        writer.add(r["id"], r["response_ids"], tensors)
+    # proof, on every shard's first example, that hidden @ W_out^T reproduces the model's logits
+    return writer.close({**meta, "recompute_max_abs_diff": max_diff})
+
+
 FORMAT_KEYS = {"hidden": ("hidden",), "full": ("logits",), "topk": ("topk_values", "topk_indices", "tail_mean")}
 _SHARD_RE = re.compile(r"shard-\d{5}\.safetensors")
 _HEX64 = re.compile(r"[0-9a-f]{64}")

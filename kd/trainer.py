@@ -25,14 +25,16 @@ def weights_digest(model_dir: str | Path) -> list[str]:
     return sorted(sha256_file(f) for f in Path(model_dir).glob("*.safetensors"))
 
 
-def lora_student(model_dir: str | Path, dtype: str, trust_remote_code: bool, lora: dict, seed: int):
-    """The student with fresh LoRA adapters (A drawn from the seeded global generator, B zero)."""
+def lora_student(model_dir: str | Path, dtype: str, trust_remote_code: bool, lora: dict, seed: int,
+                 quantization: str | None = None, device: str | None = None):
+    """The student with fresh LoRA adapters (A drawn from the seeded global generator, B zero); with
+    `quantization` (student.quantization) a QLoRA student: the frozen base in bitsandbytes 4/8 bit."""
     import torch
     from peft import LoraConfig, get_peft_model
 
     from kd.loading import load_model
 
-    model = load_model(model_dir, dtype, trust_remote_code)
+    model = load_model(model_dir, dtype, trust_remote_code, quantization=quantization, device=device)
     torch.manual_seed(seed)  # LoRA A matrices are drawn from the global generator
     return get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
                                             target_modules=lora["target_modules"], task_type="CAUSAL_LM"))
@@ -51,7 +53,7 @@ def run_training(name: str, model, examples: list[Example],
                  teacher_for: Callable[[int], Callable[[int, int], object] | None], cfg: dict, alpha: float,
                  temperature: float, seed: int, run_fingerprint: str, *, adapter_dir: str | Path,
                  curves_dir: str | Path, metrics_path: str | Path, work_dir: str | Path,
-                 width: int | None = None, extra: dict | None = None) -> dict:
+                 width: int | None = None, extra: dict | None = None, shard: tuple[int, int] = (0, 1)) -> dict | None:
     """Train `model` (a peft LoRA model) on `examples`; returns the metrics written to `metrics_path`.
 
     The training curves go to a temp folder that replaces `curves_dir` only when training succeeded: a failed
@@ -64,6 +66,11 @@ def run_training(name: str, model, examples: list[Example],
                       "distill.response_filter)")
     t0 = time.time()
     work_dir = Path(work_dir)
+    if shard[0] > 0:  # another process of a launch (kd/launch.py): trains its share, rank 0 writes everything
+        train(model, examples, teacher_for, cfg, alpha, temperature, seed,
+              Checkpoint(work_dir / "checkpoint.safetensors", run_fingerprint), cfg["checkpoint_every"],
+              width=width, shard=shard)
+        return None
     total = cfg["epochs"] * len(examples)
     with atomic_path(curves_dir) as live_tmp:
         with Live(str(live_tmp), save_dvc_exp=False, dvcyaml=None) as live, \
@@ -77,7 +84,7 @@ def run_training(name: str, model, examples: list[Example],
 
             history = train(model, examples, teacher_for, cfg, alpha, temperature, seed,
                             Checkpoint(work_dir / "checkpoint.safetensors", run_fingerprint),
-                            cfg["checkpoint_every"], on_step, width=width)
+                            cfg["checkpoint_every"], on_step, width=width, shard=shard)
         save_adapter(model, adapter_dir)
     summary = {**summarise(history, len(examples), cfg["epochs"]),
                "response_tokens": sum(e.response_len for e in examples),

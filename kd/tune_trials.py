@@ -80,7 +80,7 @@ class Trials:
         s = self.p["student"]
         seed_everything(self.p["seed"])
         return lora_student(self.root / "models/student", s["dtype"], s["trust_remote_code"],
-                            self.cfg(values)["lora"], self.p["seed"])
+                            self.cfg(values)["lora"], self.p["seed"], quantization=s["quantization"])
 
     def accuracy(self, model, work: Path) -> dict:
         """Validation strict/flexible accuracy through lm-eval, exactly as eval@kd-<strategy> scores eval."""
@@ -90,7 +90,7 @@ class Trials:
         s = self.p["student"]
         save_adapter(model, work / "adapter")
         spec = ModelSpec("kd-tune", self.root / "models/student", work / "adapter", s["dtype"],
-                         s["trust_remote_code"], "task")
+                         s["trust_remote_code"], "task", s["quantization"])
         _, m = evaluate_docs(spec, self.val_rows, {**self.p, "eval": {**self.p["eval"], "limit": None}})
         return m
 

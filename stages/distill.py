@@ -8,6 +8,7 @@ import kd.portable; kd.portable.apply()  # noqa: E402,E702 - compute.portable: I
 
 import click
 
+from kd import launch
 from kd.cli_util import run_stage
 from kd.environment import record_environment
 from kd.io import sha256_file
@@ -25,6 +26,9 @@ def main(strategy):
     p = load_params()
     stage_arg("strategy", strategy, p["prompting"]["strategies"], "prompting.strategies")  # before any path use
     cfg, s = p["distill"], p["student"]
+    # compute.processes > 1: accelerate launch, at most one process per example of an optimizer step
+    launch.relaunch(min(p["compute"]["processes"], cfg["batch_size"]), __file__, [strategy])
+    rank, procs = launch.init()
     # every artefact check runs before the student loads
     inputs = load_kd_inputs(".", strategy, s["trust_remote_code"])
     run_fp = fingerprint(cfg, p["alpha"], p["temperature"], p["seed"], p["prompting"]["instruction"],
@@ -34,15 +38,18 @@ def main(strategy):
     check_context(p, ".", {"student": inputs.tokenizer}, uses=("distill",))  # before the weights load
     kept, examples, skipped = inputs.examples(cfg["response_filter"], p["prompting"]["instruction"],
                                               cfg["max_length"], cfg["hard_target"])
-    model = lora_student("models/student", s["dtype"], s["trust_remote_code"], cfg["lora"], p["seed"])
-    run_training(f"distill@{strategy}", model, examples, inputs.teacher_for, cfg,
+    model = lora_student("models/student", s["dtype"], s["trust_remote_code"], cfg["lora"], p["seed"],
+                         quantization=s["quantization"], device=launch.device())
+    done = run_training(f"distill@{strategy}", model, examples, inputs.teacher_for, cfg,
                  p["alpha"], p["temperature"], p["seed"], run_fp, adapter_dir=f"models/kd-{strategy}",
                  curves_dir=f"reports/distill/{strategy}", metrics_path=f"results/distill/{strategy}.json",
                  work_dir=f".kd-work/distill/{strategy}", width=inputs.vocab["kd_width"],
                  extra={"skipped": len(skipped), "filtered_out": len(inputs.responses) - len(kept),
                         "response_filter": cfg["response_filter"], "hard_target": cfg["hard_target"],
-                        "kd_width": inputs.vocab["kd_width"]})
-    record_environment(f"distill-{strategy}")  # environment/distill-<s>.json: the lineage beyond params + code
+                        "kd_width": inputs.vocab["kd_width"]}, shard=(rank, procs))
+    if done is not None:  # rank 0 wrote the adapter, curves and metrics
+        record_environment(f"distill-{strategy}")  # environment/distill-<s>.json: the lineage beyond params + code
+    launch.finish()
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ def main():
     seed_everything(p["seed"])
     tok = load_tokenizer("models/student", s["trust_remote_code"])
     examples, skipped = build_gold_examples(questions, tok, p["prompting"]["instruction"], cfg["max_length"])
-    model = lora_student("models/student", s["dtype"], s["trust_remote_code"], cfg["lora"], p["seed"])
+    model = lora_student("models/student", s["dtype"], s["trust_remote_code"], cfg["lora"], p["seed"],
+                         quantization=s["quantization"])
     # alpha = 1: the loss is the cross-entropy alone; no teacher signal is read
     run_training("finetune", model, examples, lambda i: None, cfg, 1.0, 1.0, p["seed"], run_fp,
                  adapter_dir="models/finetune", curves_dir="reports/distill/finetune",

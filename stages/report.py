@@ -1,5 +1,5 @@
 """Stage `report`: results table, paired tests, attention summary -> reports/index.{md,html}, reports/plots/,
-reports/attention.json, metrics/report.json."""
+reports/attention.json, metrics/{strict,flexible}/*.json (the headline)."""
 
 import os
 import sys

@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
+from kd import launch
 from kd.cli_util import run_stage
 from kd.environment import record_environment
 from kd.generate import run_generation
@@ -31,6 +32,8 @@ from kd.seeding import seed_everything
 def main(strategy):
     p = load_params()
     stage_arg("strategy", strategy, p["prompting"]["strategies"], "prompting.strategies")  # before any path use
+    launch.relaunch(p["compute"]["processes"], __file__, [strategy])  # compute.processes > 1: accelerate launch
+    rank, size = launch.init()
     template = load_strategies(p["prompting"]["file"])[strategy]
     rows = read_jsonl("data/prepared/transfer.jsonl")
     t = p["teacher"]
@@ -43,11 +46,15 @@ def main(strategy):
     tok = load_tokenizer(model_dir, t["trust_remote_code"])
     only_this = {**p, "prompting": {**p["prompting"], "strategies": [strategy]}}
     check_context(only_this, ".", {"teacher": tok}, uses=("teacher",))  # before the weights load
-    model = load_model(model_dir, t["dtype"], t["trust_remote_code"], quantization=t["quantization"])
+    model = load_model(model_dir, t["dtype"], t["trust_remote_code"], quantization=t["quantization"],
+                       device=launch.device())
     work = Path(".kd-work/teacher") / strategy
-    with tqdm(total=len(rows), desc=f"teacher@{strategy}", unit="q") as bar:
+    with tqdm(total=len(rows), desc=f"teacher@{strategy}", unit="q", disable=rank > 0) as bar:
         out = run_generation(model, tok, rows, template, p["prompting"]["instruction"], t["max_new_tokens"],
-                             t["batch_size"], work, fingerprint, progress=bar.update)
+                             t["batch_size"], work, fingerprint, progress=bar.update, shard=(rank, size),
+                             sync=launch.barrier)
+    if rank > 0:  # rank 0 merged every process's responses and writes the outputs
+        return launch.finish()
     n = len(out)
     tokens = sum(len(r["response_ids"]) for r in out)
     metrics = {"n": n, "accuracy_strict": sum(r["correct_strict"] for r in out) / n,
@@ -60,6 +67,7 @@ def main(strategy):
     dt = time.time() - t0
     print(f"teacher@{strategy}: {n} responses, {tokens} tokens, {tokens / dt:.1f} tok/s, {dt:.1f} s; "
           f"accuracy strict {metrics['accuracy_strict']:.3f} flexible {metrics['accuracy_flexible']:.3f}")
+    launch.finish()
 
 
 if __name__ == "__main__":

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,3 +25,37 @@ def in_process(root: Path, name: str, *args: str) -> None:
         mod.main.main(args=list(args), standalone_mode=False)
     finally:
         os.chdir(cwd)
+
+
+def run_cmd(cmd: list[str], cwd: Path, env: dict) -> str:
+    """Run a command (DVC, git) in a project copy; fail the test with its output's tail when it fails."""
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return res.stdout + res.stderr
+
+
+def dvc_project(root: Path, strategies: list[str]) -> tuple[Path, dict, str]:
+    """A git + DVC copy of the project on the tiny profile with `strategies`, after a real `dvc repro`, committed.
+    Returns (root, env for DVC/git commands, the repro's output)."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for f in files:
+        if not f.startswith(("metrics/", "reports/", "dvc.lock")) and (ROOT / f).is_file():
+            (root / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, root / f)
+    params = yaml.safe_load((ROOT / "profiles/tiny.yaml").read_text())
+    params["prompting"]["strategies"] = strategies
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    run_cmd(["git", "init", "-q"], root, env)
+    if not (root / ".dvc").exists():
+        run_cmd(["dvc", "init", "-q"], root, env)
+    run_cmd(["dvc", "config", "core.analytics", "false"], root, env)
+    run_cmd(["git", "add", "-A"], root, env)
+    run_cmd(["git", "commit", "-qm", "project"], root, env)  # dvclive refuses a repo without commits
+    out = run_cmd(["dvc", "repro"], root, env)
+    run_cmd(["git", "add", "-A"], root, env)
+    run_cmd(["git", "commit", "-qm", "tiny run"], root, env)
+    return root, env, out

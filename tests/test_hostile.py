@@ -420,7 +420,7 @@ def test_kd_repro_restores_byte_for_byte_what_a_failed_stage_rewrote(proj):
     outs = [o["path"] for o in lock["report"]["outs"]]
     before = tree_digest(proj, outs)
     _failing_report(proj, "import pathlib\n"
-                          "for p in ['reports/index.md', 'metrics/report.json']:\n"
+                          "for p in ['reports/index.md', 'metrics/strict/student.json']:\n"
                           "    pathlib.Path(p).parent.mkdir(parents=True, exist_ok=True)\n"
                           "    pathlib.Path(p).write_text('half-written by a failing run')\n"
                           "pathlib.Path('reports/plots').mkdir(exist_ok=True)\n"

@@ -2,55 +2,20 @@
 alpha touches, and `dvc metrics diff` shows the change."""
 
 import json
-import os
 import re
-import shutil
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from stage_runner import dvc_project, run_cmd
+
 # two strategies keep the test quick; every stage kind still runs (the full tiny profile is `kd verify`'s job)
 STRATEGIES = ["none", "gold_hint"]
 
 
-def _project_files():
-    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout.split()
-    return [f for f in out if not f.startswith(("metrics/", "reports/", "dvc.lock")) and (ROOT / f).is_file()]
-
-
-def _run(cmd, cwd, env):
-    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
-    return res.stdout + res.stderr
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    root = tmp_path_factory.mktemp("project")
-    for f in _project_files():
-        (root / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / f, root / f)
-    params = yaml.safe_load((ROOT / "profiles/tiny.yaml").read_text())
-    params["prompting"]["strategies"] = STRATEGIES
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    _run(["git", "init", "-q"], root, env)
-    if not (root / ".dvc").exists():
-        _run(["dvc", "init", "-q"], root, env)
-    _run(["dvc", "config", "core.analytics", "false"], root, env)
-    _run(["git", "add", "-A"], root, env)
-    _run(["git", "commit", "-qm", "project"], root, env)  # dvclive refuses a repo without commits
-    out = _run(["dvc", "repro"], root, env)
-    _run(["git", "add", "-A"], root, env)
-    _run(["git", "commit", "-qm", "tiny run"], root, env)
-    return root, env, out
+    return dvc_project(tmp_path_factory.mktemp("project"), STRATEGIES)
 
 
 def test_repro_produces_every_output(project):
@@ -71,11 +36,11 @@ def test_repro_produces_every_output(project):
                              *(f"teacher@{s}" for s in STRATEGIES)}
         assert all(set(r) in ({"acc", "lo", "hi"}, {"acc", "lo", "hi", "p", "mde"}) for r in rows.values()), rows
     # `dvc metrics show` is one narrow table (DVC makes a column of every key any metrics file has)
-    shown = _run(["dvc", "metrics", "show"], root, env)
+    shown = run_cmd(["dvc", "metrics", "show"], root, env)
     assert max(map(len, shown.splitlines())) <= 120, shown
     assert (root / "reports/index.html").exists() and (root / "reports/index.md").exists()
     assert "accuracy" in (root / "reports/index.md").read_text().lower()
-    status = _run(["dvc", "status"], root, env)
+    status = run_cmd(["dvc", "status"], root, env)
     assert "up to date" in status.lower() or status.strip() == ""
 
 
@@ -88,7 +53,7 @@ def test_dry_run_shows_what_a_change_will_rerun(project):
     try:
         (root / "params.yaml").write_text(re.sub(r"(?m)^temperature: .*$", "temperature: 2.0", params))
         env = {**env, "PYTHONPATH": str(root)}
-        out = _run([sys.executable, "-m", "kd.cli", "repro", "--dry", "--force-downstream"], root, env)
+        out = run_cmd([sys.executable, "-m", "kd.cli", "repro", "--dry", "--force-downstream"], root, env)
         ran = set(re.findall(r"Running stage '([^']+)'", out))
         assert ran == {f"distill@{s}" for s in STRATEGIES} | {f"eval_kd@{s}" for s in STRATEGIES} | {"report"}, out
         assert (root / "dvc.lock").read_bytes() == lock
@@ -98,11 +63,11 @@ def test_dry_run_shows_what_a_change_will_rerun(project):
 
 def test_alpha_change_reruns_only_what_alpha_touches(project):
     root, env, _ = project
-    out = _run(["dvc", "exp", "run", "-S", "alpha=0.3"], root, env)
+    out = run_cmd(["dvc", "exp", "run", "-S", "alpha=0.3"], root, env)
     ran = set(re.findall(r"Running stage '([^']+)'", out))
     expected = {f"distill@{s}" for s in STRATEGIES} | {f"eval_kd@{s}" for s in STRATEGIES} | {"report"}
     assert ran == expected, out
-    diff = _run(["dvc", "metrics", "diff"], root, env)  # the headline: only what changed, if anything did
+    diff = run_cmd(["dvc", "metrics", "diff"], root, env)  # the headline: only what changed, if anything did
     assert all(len(line) <= 120 for line in diff.splitlines()) and "results/" not in diff, diff
-    before = json.loads(_run(["git", "show", "HEAD:results/distill/none.json"], root, env))  # the detail did change
+    before = json.loads(run_cmd(["git", "show", "HEAD:results/distill/none.json"], root, env))  # the detail did change
     assert json.loads((root / "results/distill/none.json").read_text())["final_loss"] != before["final_loss"]

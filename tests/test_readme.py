@@ -34,6 +34,9 @@ SKIP = {
     "kd tune": "needs teacher signal and student; trains (tests/test_tune.py runs tiny studies)",
     "kd tune --apply": "needs a study's metrics/tune.json (tests/test_tune.py applies one and checks dvc status)",
     "dvc queue start -j 2": "runs the queued experiments' pipelines (tests/test_tune.py checks the queueing)",
+    "dvc exp run --run-all -j 1": "runs the queued experiments (tests/test_queue.py runs two on the tiny profile)",
+    "dvc metrics diff alpha-02 alpha-09": "needs the two experiments run (tests/test_queue.py)",
+    "dvc exp apply alpha-09": "needs the experiment run (tests/test_queue.py)",
 }
 
 
