@@ -1,10 +1,5 @@
 """Stage `prepare`: GSM8K -> data/prepared/{transfer,validation,eval}.jsonl + summary.json."""
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's `kd`
-
 import time
 
 import click

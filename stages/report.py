@@ -1,11 +1,6 @@
 """Stage `report`: results table, paired tests, attention summary -> reports/index.{md,html}, reports/plots/,
 reports/attention.json, metrics/report.json."""
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's `kd`
-
 import time
 
 import click

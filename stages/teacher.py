@@ -1,10 +1,6 @@
 """Stage `teacher@<strategy>`: the teacher answers every transfer question under one priming strategy."""
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's `kd`
-import kd.portable; kd.portable.apply()  # noqa: E402,E702 - compute.portable: ISA caps, before torch loads
+import kd.portable; kd.portable.apply()  # noqa: E702 - compute.portable: ISA caps, before torch loads
 
 import hashlib
 import json

@@ -321,7 +321,7 @@ def test_kd_repro_refuses_before_dvc_deletes_anything(proj, case):
                          ids=lambda c: c.id)
 def test_stage_process_exits_2_with_one_line(proj, case):
     case.edit(proj)
-    res = subprocess.run([sys.executable, f"stages/{case.stage[0]}.py", *case.stage[1:]], cwd=proj,
+    res = subprocess.run([sys.executable, "-m", f"stages.{case.stage[0]}", *case.stage[1:]], cwd=proj,
                          env=tool_env(root=proj), capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines()[-1].startswith("error: ")

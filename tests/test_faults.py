@@ -2,7 +2,7 @@
 let a stage fail under `kd repro`. Every check is against an uninterrupted run's bytes.
 
 Everything runs in a temp copy of the project (tiny models, one strategy, 12 transfer questions). A stage that gets
-killed is a real `python stages/<name>.py` subprocess, as DVC runs it; uninterrupted reference runs and re-runs call
+killed is a real `python -m stages.<name>` subprocess, as DVC runs it; uninterrupted reference runs and re-runs call
 the same stage command in this process (same code, no second import bill). Slow-ish (~1 min in all): marked `slow`,
 but part of the default run."""
 
@@ -125,7 +125,7 @@ def test_teacher_killed_mid_way_reuses_finished_chunks(tiny, tmp_path, capfd):
     (root / f"metrics/teacher/{S}.json").unlink()
     work = root / ".kd-work/teacher" / S
 
-    proc = subprocess.Popen([sys.executable, "stages/teacher.py", S], cwd=root, env=env(root),
+    proc = subprocess.Popen([sys.executable, "-m", "stages.teacher", S], cwd=root, env=env(root),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     kill_when(proc, lambda: len(list(work.glob("chunk-*.json"))) >= 1, "a teacher chunk was written")
     done = {p.name: p.read_bytes() for p in work.glob("chunk-*.json")}
@@ -152,7 +152,7 @@ def test_distill_killed_mid_epoch_resumes_to_the_same_adapter(tiny, tmp_path, ca
 
     root = fresh(tiny, tmp_path / "killed")
     ckpt = root / ".kd-work/distill" / S / "checkpoint.safetensors"
-    proc = subprocess.Popen([sys.executable, "stages/distill.py", S], cwd=root, env=env(root),
+    proc = subprocess.Popen([sys.executable, "-m", "stages.distill", S], cwd=root, env=env(root),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     kill_when(proc, ckpt.exists, "the first checkpoint was written")
     from safetensors import safe_open
@@ -284,7 +284,7 @@ def test_full_disk_in_a_real_stage_process(tiny, tmp_path):
     before = tree_bytes(root, "data/prepared")
     code = ("import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
             "resource.setrlimit(resource.RLIMIT_FSIZE, (512, 512)); sys.argv = ['stages/prepare.py']; "
-            "runpy.run_path('stages/prepare.py', run_name='__main__')")
+            "runpy.run_module('stages.prepare', run_name='__main__', alter_sys=True)")
     res = subprocess.run([sys.executable, "-c", code], cwd=root, env=tool_env(root=root), capture_output=True,
                          text=True)
     assert res.returncode == 2, res.stderr[-2000:]
@@ -297,7 +297,7 @@ def test_full_disk_in_a_real_stage_process(tiny, tmp_path):
 def test_missing_model_is_a_clear_error(tiny, tmp_path):
     root = fresh(tiny, tmp_path)
     shutil.rmtree(root / "models/teacher")
-    res = stage(root, "stages/logits.py", S, check=False)
+    res = stage(root, "-m", "stages.logits", S, check=False)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "models/teacher" in res.stderr.strip().splitlines()[-1]
     assert (root / f"data/logits/{S}/manifest.json").exists(), "the previous output was kept"
