@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from kd.errors import ArtefactError
-from kd.io import sha256_bytes, sha256_file, save_safetensors, write_json
+from kd.io import atomic_path, sha256_bytes, sha256_file, save_safetensors, write_json
 
 MANIFEST = "manifest.json"
 # `hidden` assumes logits = h · W_outᵀ. Models whose head scales or soft-caps the logits break that; refuse them.
@@ -130,6 +131,31 @@ class SignalWriter:
         manifest = {**meta, "format": self.fmt, "examples": self.examples, "shards": self.shards}
         write_json(self.out / MANIFEST, manifest)
         return manifest
+
+
+def record_signal(model, model_dir: str | Path, responses: list[dict], out_dir: str | Path, meta: dict, fmt: str,
+                  top_k: int, shard_rows: int, desc: str = "logits") -> tuple[dict, float]:
+    """The teacher's forward over every response, written atomically to `out_dir` as shards + manifest. Returns the
+    manifest and the largest |recomputed - model| logit difference, checked on the first example of every shard."""
+    name, weight = output_layer(model_dir)
+    meta = {**meta, "hidden_size": model.config.hidden_size, "vocab_size": weight.shape[0],
+            "top_k": top_k if fmt == "topk" else None,
+            "output_layer": {"name": name, "shape": list(weight.shape), "sha256": tensor_sha256(weight)}}
+    max_diff = 0.0
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        writer = SignalWriter(tmp, fmt, shard_rows)
+        for r in tqdm(sorted(responses, key=lambda r: r["id"]), desc=desc, unit="q"):
+            # a shard starts when this example would overflow the pending one
+            first_of_shard = writer.pending_rows == 0 or writer.pending_rows + len(r["response_ids"]) > shard_rows
+            tensors, diff = capture(model, r["prompt_ids"], r["response_ids"], fmt, top_k,
+                                    check_logits=first_of_shard)
+            if diff is not None:
+                max_diff = max(max_diff, diff)
+            writer.add(r["id"], r["response_ids"], tensors)
+        # proof, on every shard's first example, that hidden @ W_out^T reproduces the model's logits
+        manifest = writer.close({**meta, "recompute_max_abs_diff": max_diff})
+    return manifest, max_diff
 
 
 FORMAT_KEYS = {"hidden": ("hidden",), "full": ("logits",), "topk": ("topk_values", "topk_indices", "tail_mean")}
