@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kd.arms import student_arms
+
 ROOT = Path(__file__).resolve().parents[1]
 # two strategies keep the test quick; every stage kind still runs (the full tiny profile is `kd verify`'s job)
 STRATEGIES = ["none", "gold_hint"]
@@ -65,6 +67,13 @@ def test_repro_produces_every_output(project):
     for m in ["teacher", "student", "student_cot", "finetune"] + [f"kd-{s}" for s in STRATEGIES]:
         metrics = json.loads((root / f"metrics/eval/{m}.json").read_text())
         assert 0.0 <= metrics["accuracy_strict"] <= 1.0 and metrics["n"] == 8 and "truncated" in metrics
+    # one attention stage per student arm (kd.arms), and the report's table is exactly their rows
+    arms = student_arms(STRATEGIES)
+    per_arm = [r for a in arms for r in json.loads((root / f"reports/attention/{a}.json").read_text())]
+    assert [r["model"] for r in per_arm] == [a for a in arms for _ in range(2)]  # the tiny student has 2 layers
+    table = json.loads((root / "reports/attention.json").read_text())
+    assert [(r["model"], r["layer"]) for r in table] == [(r["model"], r["layer"]) for r in per_arm]
+    assert table[0]["entropy_norm"] == pytest.approx(per_arm[0]["entropy_norm"], rel=1e-5)
     report = json.loads((root / "metrics/report.json").read_text())
     assert set(report) == {"best_arm", "finetune", *(f"kd-{s}" for s in STRATEGIES)}
     assert (root / "reports/index.html").exists() and (root / "reports/index.md").exists()
@@ -84,7 +93,8 @@ def test_dry_run_shows_what_a_change_will_rerun(project):
         env = {**env, "PYTHONPATH": str(root)}
         out = _run([sys.executable, "-m", "kd.cli", "repro", "--dry", "--force-downstream"], root, env)
         ran = set(re.findall(r"Running stage '([^']+)'", out))
-        assert ran == {f"distill@{s}" for s in STRATEGIES} | {f"eval_kd@{s}" for s in STRATEGIES} | {"report"}, out
+        assert ran == {f"{stage}@{s}" for stage in ("distill", "eval_kd", "attention_kd") for s in STRATEGIES} | {
+            "report"}, out
         assert (root / "dvc.lock").read_bytes() == lock
     finally:
         (root / "params.yaml").write_text(params)
@@ -94,7 +104,7 @@ def test_alpha_change_reruns_only_what_alpha_touches(project):
     root, env, _ = project
     out = _run(["dvc", "exp", "run", "-S", "alpha=0.3"], root, env)
     ran = set(re.findall(r"Running stage '([^']+)'", out))
-    expected = {f"distill@{s}" for s in STRATEGIES} | {f"eval_kd@{s}" for s in STRATEGIES} | {"report"}
+    expected = {f"{stage}@{s}" for stage in ("distill", "eval_kd", "attention_kd") for s in STRATEGIES} | {"report"}
     assert ran == expected, out
     diff = _run(["dvc", "metrics", "diff"], root, env)
     assert "metrics/distill/none.json" in diff and "final_loss" in diff, diff

@@ -164,17 +164,18 @@ def test_invalidation_probe_restores_the_file(placeholder_project):
 def test_code_deps_are_declared_and_a_missing_one_is_named(placeholder_project, tmp_path):
     rows = check_code_deps(placeholder_project)
     assert {r.stage for r in rows} >= {"prepare", "model", "teacher", "logits", "distill", "finetune", "eval_teacher",
-                                       "eval_student", "eval_finetune", "eval_kd", "report"}
+                                       "eval_student", "eval_finetune", "eval_kd", "attention_student",
+                                       "attention_finetune", "attention_kd", "report"}
     assert all(not r.missing for r in rows), [(r.stage, r.missing) for r in rows if r.missing]
     assert all(not r.unused for r in rows), [(r.stage, r.unused) for r in rows if r.unused]
-    # the same check on a dvc.yaml whose report stage forgot kd/attention.py
+    # the same check on a dvc.yaml whose attention stage forgot kd/attention.py
     (tmp_path / "stages").mkdir()
-    for f in ["dvc.yaml", "stages/report.py"]:
+    for f in ["dvc.yaml", "stages/attention.py"]:
         (tmp_path / f).write_bytes((ROOT / f).read_bytes())
     (tmp_path / "kd").symlink_to(ROOT / "kd")
-    _edit_dvc_yaml(tmp_path, "report", "deps", remove="kd/attention.py")
+    _edit_dvc_yaml(tmp_path, "attention_student", "deps", remove="kd/attention.py")
     data = yaml.safe_load((tmp_path / "dvc.yaml").read_text())
-    data["stages"] = {"report": data["stages"]["report"]}
+    data["stages"] = {"attention_student": data["stages"]["attention_student"]}
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(data))
     (row,) = check_code_deps(tmp_path)
     assert row.missing == ["kd/attention.py"]
