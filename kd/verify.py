@@ -3,7 +3,7 @@
 `kd verify`
   1. copies the project twice into temporary folders: the files git tracks plus untracked, not-ignored ones (your
      working tree, uncommitted edits included), never a stage output or dvc.lock; params.yaml is
-     profiles/<profile>.yaml; each copy gets its own git repository and a fresh, empty DVC cache;
+     the profile (kd.profiles); each copy gets its own git repository and a fresh, empty DVC cache;
   2. runs `dvc repro` in each, one after the other, with different PYTHONHASHSEEDs and paths (so a set-order or an
      absolute path leaking into an output shows up);
   3. compares dvc.lock stage by stage (the hash of every output) and every metrics file value by value; a differing
@@ -128,7 +128,7 @@ def project_files(root: Path) -> list[str]:
 
 def make_copy(src: Path, dest: Path, profile: str | None = "tiny", env: dict[str, str] | None = None,
               params: dict | None = None) -> Path:
-    """A fresh project at `dest`: the project's files, params.yaml from profiles/<profile>.yaml (or `params`), a git
+    """A fresh project at `dest`: the project's files, params.yaml from the profile (kd.profiles; or `params`), a git
     repo with one commit (dvclive wants one) and an empty DVC cache inside the copy."""
     env = env or tool_env()
     dest.mkdir(parents=True, exist_ok=True)
@@ -138,11 +138,9 @@ def make_copy(src: Path, dest: Path, profile: str | None = "tiny", env: dict[str
     if params is not None:
         (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
     elif profile is not None:
-        prof = src / "profiles" / f"{profile}.yaml"
-        if not prof.exists():
-            have = ", ".join(sorted(p.stem for p in (src / "profiles").glob("*.yaml")))
-            raise KdError(f"profile {profile!r} does not exist (allowed: {have})")
-        shutil.copyfile(prof, dest / "params.yaml")
+        from kd.profiles import render
+
+        (dest / "params.yaml").write_text(render(profile, src), encoding="utf-8")
     run(["git", "init", "-q"], dest, env)
     if not (dest / ".dvc").is_dir():
         run(["dvc", "init", "-q"], dest, env)

@@ -31,9 +31,10 @@ from kd.answers import extract_flexible, extract_strict, normalise, parse_gold, 
 from kd.errors import KdError, ParamError
 from kd.params import validate
 from kd.verify import make_copy, placeholder_outputs, preflight, read_lock, tool_env
+from kd.profiles import load as load_profile
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = yaml.safe_load((ROOT / "profiles/tiny.yaml").read_text())
+TINY = load_profile("tiny", ROOT)
 EDITABLE = ["params.yaml", "strategies.yaml", "tests/data/gsm8k/train.jsonl", "tests/data/gsm8k/test.jsonl"]
 OUTPUT_ROOTS = ["data", "models", "metrics", "reports", "dvc.lock"]
 

@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from kd.errors import ArtefactError, KdError
 from kd.verify import make_copy, placeholder_outputs, read_lock, tool_env
+from kd.profiles import load as load_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -30,7 +30,7 @@ S = "none"
 
 
 def _params() -> dict:
-    p = yaml.safe_load((ROOT / "profiles/tiny.yaml").read_text())
+    p = load_profile("tiny", ROOT)
     p["prompting"]["strategies"] = [S]
     p["prepare"].update(transfer_size=12, validation_size=4)
     p["teacher"].update(batch_size=1, max_new_tokens=16)  # 3 resumable chunks of 4: time to kill between them

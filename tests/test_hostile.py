@@ -31,9 +31,10 @@ from kd.names import is_model, is_strategy
 from kd.params import validate
 from kd.prompting import FIELDS, fill, load_strategies, template_fields
 from kd.verify import make_copy, placeholder_outputs, preflight, read_lock, repro_lock, tool_env
+from kd.profiles import load as load_profile, names as profile_names
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = yaml.safe_load((ROOT / "profiles/tiny.yaml").read_text())
+TINY = load_profile("tiny", ROOT)
 OUTPUT_ROOTS = ["data", "models", "metrics", "reports", "dvc.lock"]
 SENTINEL = Path(tempfile.gettempdir()) / f"kd-hostile-sentinel-{os.getpid()}"
 MEMORY_LIMIT = 3 << 30  # bytes of address space for a CLI/stage subprocess: torch + transformers need < 1 GiB
@@ -254,7 +255,7 @@ def test_cli_and_stage_processes_under_a_memory_limit(proj, sentinel, name, temp
         except (yaml.YAMLError, TypeError):
             return
         calls = [["-m", "kd.cli", "validate"], ["-m", "stages.teacher", name]]
-        if not (proj / "profiles" / f"{name}.yaml").is_file():  # a real profile name would (rightly) be written
+        if name not in profile_names(proj):  # a real profile name would (rightly) be written
             calls.append(["-m", "kd.cli", "profile", name])
         for args in calls:
             res = sub(proj, *args)

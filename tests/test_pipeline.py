@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from kd.arms import student_arms
+from kd.profiles import load as load_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 # two strategies keep the test quick; every stage kind still runs (the full tiny profile is `kd verify`'s job)
@@ -37,7 +38,7 @@ def project(tmp_path_factory):
     for f in _project_files():
         (root / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / f, root / f)
-    params = yaml.safe_load((ROOT / "profiles/tiny.yaml").read_text())
+    params = load_profile("tiny", ROOT)
     params["prompting"]["strategies"] = STRATEGIES
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",

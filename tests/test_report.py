@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from kd.errors import ArtefactError, KdError
 from kd.report import write_report
 from kd.stats import wilson_interval
+from kd.profiles import load as load_profile
 
 REPO = Path(__file__).resolve().parent.parent
 N = 20
@@ -37,7 +37,7 @@ def trained(params):
 def params():
     from kd.params import validate
 
-    return validate(yaml.safe_load((REPO / "profiles/tiny.yaml").read_text()), root=REPO)
+    return validate(load_profile("tiny", REPO), root=REPO)
 
 
 def _dump(path: Path, obj) -> None:
