@@ -12,7 +12,7 @@ from kd.attention import arm_attention
 from kd.cli_util import run_stage
 from kd.io import write_json
 from kd.names import stage_arg
-from kd.params import load_params
+from kd.params import load_config
 from kd.paths import ATTENTION_DIR
 from kd.seeding import seed_everything
 
@@ -20,16 +20,15 @@ from kd.seeding import seed_everything
 @click.command()
 @click.argument("arm")
 def main(arm):
-    p = load_params()
-    strategies = p["prompting"]["strategies"]
+    c = load_config()
+    strategies = c.prompting.strategies
     stage_arg("arm", arm, student_arms(strategies), "arm")  # before any path use
-    s = p["student"]
     t0 = time.time()
-    seed_everything(p["seed"])
-    rows = arm_attention(arm, strategies, p["report"]["attention_prompts"], p["prompting"]["instruction"],
-                         dtype=s["dtype"], trust_remote_code=s["trust_remote_code"])
+    seed_everything(c.seed)
+    rows = arm_attention(arm, strategies, c.report.attention_prompts, c.prompting.instruction,
+                         dtype=c.student.dtype, trust_remote_code=c.student.trust_remote_code)
     write_json(ATTENTION_DIR / f"{arm}.json", [{"model": arm, **r} for r in rows])  # one line per arm in `dvc plots`
-    print(f"attention@{arm}: {len(rows)} layers over {p['report']['attention_prompts']} prompts "
+    print(f"attention@{arm}: {len(rows)} layers over {c.report.attention_prompts} prompts "
           f"({time.time() - t0:.1f} s)")
 
 

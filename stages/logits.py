@@ -12,7 +12,7 @@ from kd.environment import record_environment
 from kd.io import read_json, read_jsonl
 from kd.loading import load_model
 from kd.names import stage_arg
-from kd.params import load_params
+from kd.params import load_config
 from kd.seeding import seed_everything
 from kd.teacher_signal import check_plain_head, check_responses, record_signal
 
@@ -20,24 +20,24 @@ from kd.teacher_signal import check_plain_head, check_responses, record_signal
 @click.command()
 @click.argument("strategy")
 def main(strategy):
-    p = load_params()
-    stage_arg("strategy", strategy, p["prompting"]["strategies"], "prompting.strategies")  # before any path use
-    cfg, t = p["logits"], p["teacher"]
+    c = load_config()
+    stage_arg("strategy", strategy, c.prompting.strategies, "prompting.strategies")  # before any path use
+    cfg, t = c.logits, c.teacher
     responses = read_jsonl(f"data/teacher/{strategy}/responses.jsonl")
     check_responses(responses, None, f"data/teacher/{strategy}/responses.jsonl", strategy)
-    if cfg["format"] == "hidden":
+    if cfg.format == "hidden":
         check_plain_head(read_json("models/teacher/config.json"), "models/teacher")
     t0 = time.time()
-    seed_everything(p["seed"])
-    model = load_model("models/teacher", t["dtype"], t["trust_remote_code"], quantization=t["quantization"])
+    seed_everything(c.seed)
+    model = load_model("models/teacher", t.dtype, t.trust_remote_code, quantization=t.quantization)
     out = f"data/logits/{strategy}"
     manifest, max_diff = record_signal(model, "models/teacher", responses, out, {"strategy": strategy,
-                                       "dtype": t["dtype"]}, cfg["format"], cfg["top_k"], cfg["shard_rows"],
+                                       "dtype": t.dtype}, cfg.format, cfg.top_k, cfg.shard_rows,
                                        desc=f"logits@{strategy}")
     record_environment(f"logits-{strategy}")  # environment/logits-<s>.json: the lineage beyond params + code
     rows = sum(e["rows"] for e in manifest["examples"])
     size = sum(f.stat().st_size for f in Path(out).iterdir())
-    print(f"logits@{strategy}: {len(responses)} examples, {rows} response tokens, format {cfg['format']}, "
+    print(f"logits@{strategy}: {len(responses)} examples, {rows} response tokens, format {cfg.format}, "
           f"{size / 1e6:.1f} MB, recompute max |diff| {max_diff}, {time.time() - t0:.1f} s")
 
 
