@@ -190,31 +190,27 @@ def load_for_attention(name: str, models_dir: str | Path = "models", dtype: str 
                         attn_implementation="eager", device=device)
 
 
-def attention_rows(params: dict, root: str | Path = ".") -> list[dict]:
-    """Flat rows {model, layer, <stats>} for every student arm (kd.arms.student_arms), over the first
-    report.attention_prompts eval questions, rendered as eval renders them."""
+def eval_prompts(n: int, instruction: str, tokenizer, root: str | Path = ".") -> list[list[int]]:
+    """Token ids of the first `n` eval questions (data/prepared/eval.jsonl), rendered as eval renders them."""
     from kd.io import read_jsonl
+
+    questions = [r["question"] for r in read_jsonl(Path(root) / "data/prepared/eval.jsonl")[:n]]
+    if len(questions) < n:
+        raise KdError(f"report.attention_prompts = {n} but data/prepared/eval.jsonl has {len(questions)} rows")
+    return [render_prompt(tokenizer, q, instruction) for q in questions]
+
+
+def arm_attention(arm: str, strategies: Sequence[str], n_prompts: int, instruction: str, dtype: str = "bfloat16",
+                  trust_remote_code: bool = False, root: str | Path = ".") -> list[dict]:
+    """Per-layer rows {layer, <stats>} of one student arm (kd.arms.student_arms) over the first `n_prompts` eval
+    questions, rendered as eval renders them; [] for n_prompts = 0."""
     from kd.loading import load_tokenizer
 
     root = Path(root)
-    n = int(params["report"]["attention_prompts"])
-    from kd.arms import student_arms
-
-    strategies = params["prompting"]["strategies"]
-    names = student_arms(strategies)
-    if n <= 0 or not names:
+    if n_prompts <= 0:
         return []
-    questions = [r["question"] for r in read_jsonl(root / "data/prepared/eval.jsonl")[:n]]
-    if len(questions) < n:
-        raise KdError(f"report.attention_prompts = {n} but data/prepared/eval.jsonl has {len(questions)} rows")
-    st = params["student"]
-    tok = load_tokenizer(root / "models/student", trust_remote_code=st.get("trust_remote_code", False))
-    seqs = [render_prompt(tok, q, params["prompting"]["instruction"]) for q in questions]
-    rows = []
-    for name in names:
-        model = load_for_attention(name, root / "models", dtype=st.get("dtype", "bfloat16"),
-                                   trust_remote_code=st.get("trust_remote_code", False), strategies=strategies)
-        for layer in model_attention(model, seqs):
-            rows.append({"model": name, **layer})
-        del model
-    return rows
+    tok = load_tokenizer(root / "models/student", trust_remote_code=trust_remote_code)
+    seqs = eval_prompts(n_prompts, instruction, tok, root)
+    model = load_for_attention(arm, root / "models", dtype=dtype, trust_remote_code=trust_remote_code,
+                               strategies=strategies)
+    return model_attention(model, seqs)

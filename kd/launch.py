@@ -1,7 +1,7 @@
 """`compute.processes`: a heavy stage runs in this process for 1, and re-executes itself under `accelerate launch`
 for N, with the accelerate config from this repo's accelerate/ folder (multi-gpu.yaml when CUDA is there,
-cpu-gloo.yaml otherwise). dvc.yaml keeps its `python stages/<stage>.py ...` commands: a stage calls `relaunch` first
-thing, so `dvc repro` on a 4-GPU box with `compute.processes: 4` uses all four without editing dvc.yaml.
+cpu-gloo.yaml otherwise). dvc.yaml keeps its `python -m stages.<stage> ...` commands: a stage calls `relaunch` first
+thing (with its module name), so `dvc repro` on a 4-GPU box with `compute.processes: 4` uses all four without editing dvc.yaml.
 
 Inside the launched processes `world()` gives (rank, world size) from torchrun's environment and `init()` joins the
 process group (NCCL on CUDA, gloo on the CPU). Work is split by `mine`: item k goes to rank k mod N, in the stage's
@@ -35,23 +35,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_argv(processes: int, script: str, args: list[str], cuda: bool | None = None) -> list[str]:
-    """The `accelerate launch` command that runs `script args` in `processes` processes."""
+def launch_argv(processes: int, module: str, args: list[str], cuda: bool | None = None) -> list[str]:
+    """The `accelerate launch` command that runs `python -m module args` in `processes` processes."""
     if cuda is None:
         import torch
 
         cuda = torch.cuda.is_available()
     config = CONFIGS["cuda" if cuda else "cpu"]
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-            "--num_processes", str(processes), "--main_process_port", str(_free_port()), script, *args]
+            "--num_processes", str(processes), "--main_process_port", str(_free_port()), "--module", module, *args]
 
 
-def relaunch(processes: int, script: str, args: list[str]) -> None:
+def relaunch(processes: int, module: str, args: list[str]) -> None:
     """At the start of a stage: with compute.processes > 1, replace this process by `accelerate launch` of the same
     stage (returns only in the launched processes, or when processes is 1)."""
     if processes <= 1 or os.environ.get(LAUNCHED):
         return
-    argv = launch_argv(processes, script, args)
+    argv = launch_argv(processes, module, args)
     print(f"compute.processes={processes}: {' '.join(argv[1:])}", file=sys.stderr, flush=True)
     os.environ[LAUNCHED] = "1"
     sys.stdout.flush()

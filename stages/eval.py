@@ -1,10 +1,6 @@
 """Stages `eval_*`: zero-shot GSM8K accuracy of one arm (kd/arms.py) via lm-eval."""
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's `kd`
-import kd.portable; kd.portable.apply()  # noqa: E402,E702 - compute.portable: ISA caps, before torch loads
+import kd.portable; kd.portable.apply()  # noqa: E702 - compute.portable: ISA caps, before torch loads
 
 import click
 

@@ -2,11 +2,7 @@
 trained with cross-entropy on GSM8K's gold solutions only (no teacher). It separates "the teacher helped" from
 "training on GSM8K-style text helped"."""
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's `kd`
-import kd.portable; kd.portable.apply()  # noqa: E402,E702 - compute.portable: ISA caps, before torch loads
+import kd.portable; kd.portable.apply()  # noqa: E702 - compute.portable: ISA caps, before torch loads
 
 import click
 

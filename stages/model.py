@@ -1,18 +1,14 @@
 """Stage `model@<role>`: materialise params `<role>.model` into models/<role> (bf16 safetensors + tokenizer +
 chat template) plus models/<role>/kd_model.json (a byte-stable summary: no wall-clock times in it)."""
 
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `kd` without installing
+import click
 
-import click  # noqa: E402
-
-from kd.cli_util import run_stage  # noqa: E402
-from kd.materialise import materialise  # noqa: E402
-from kd.models import validate_spec  # noqa: E402
-from kd.params import load_params  # noqa: E402
+from kd.cli_util import run_stage
+from kd.materialise import materialise
+from kd.models import validate_spec
+from kd.params import load_params
 
 
 @click.command()

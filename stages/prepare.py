@@ -1,10 +1,5 @@
 """Stage `prepare`: GSM8K -> data/prepared/{transfer,validation,eval}.jsonl + summary.json."""
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's `kd`
-
 import time
 
 import click
@@ -12,22 +7,22 @@ import click
 from kd.cli_util import run_stage
 from kd.data import load_source, make_splits
 from kd.io import write_json, write_jsonl
-from kd.params import load_params
+from kd.params import load_config
 
 
 @click.command()
 def main():
-    p = load_params()
+    c = load_config()
     out = "data/prepared"
     t0 = time.time()
-    cfg = p["prepare"]
-    splits, note = make_splits(load_source(cfg["source"]), cfg["transfer_size"], cfg["validation_size"],
-                               cfg["eval_size"], p["seed"], cfg["source"])
+    cfg = c.prepare
+    splits, note = make_splits(load_source(cfg.source), cfg.transfer_size, cfg.validation_size, cfg.eval_size,
+                               c.seed, cfg.source)
     for name, rows in splits.items():
         write_jsonl(f"{out}/{name}.jsonl", rows)
-    write_json(f"{out}/summary.json", {"source": cfg["source"], "note": note, "seed": p["seed"],
+    write_json(f"{out}/summary.json", {"source": cfg.source, "note": note, "seed": c.seed,
                                        **{name: len(rows) for name, rows in splits.items()}})
-    print(f"prepare: {cfg['source']}: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items())
+    print(f"prepare: {cfg.source}: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items())
           + f" ({time.time() - t0:.1f} s)\n  {note}")
 
 

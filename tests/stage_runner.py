@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from kd.profiles import load as load_profile
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -43,7 +45,7 @@ def dvc_project(root: Path, strategies: list[str]) -> tuple[Path, dict, str]:
         if not f.startswith(("metrics/", "reports/", "dvc.lock")) and (ROOT / f).is_file():
             (root / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / f, root / f)
-    params = yaml.safe_load((ROOT / "profiles/tiny.yaml").read_text())
+    params = load_profile("tiny", ROOT)
     params["prompting"]["strategies"] = strategies
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",

@@ -188,24 +188,30 @@ def tiny_root(tmp_path_factory):
     return root
 
 
-PARAMS = {"report": {"attention_prompts": 2}, "prompting": {"strategies": ["none"],
-                                                             "instruction": "End with '#### <number>'."},
-          "student": {"dtype": "float32", "trust_remote_code": False}}
+def test_arm_attention_end_to_end(tiny_root):
+    from kd.arms import student_arms
 
+    def rows():  # what the attention stages write, one arm each, in report order
+        return [{"model": arm, **r} for arm in student_arms(["none"])
+                for r in A.arm_attention(arm, ["none"], 2, "End with '#### <number>'.", dtype="float32",
+                                         root=tiny_root)]
 
-def test_attention_rows_end_to_end(tiny_root):
-    rows = A.attention_rows(PARAMS, tiny_root)
+    first = rows()
     # the student arms (no teacher, no student_cot: same weights as student); tiny student has 2 layers
-    assert [(r["model"], r["layer"]) for r in rows] == [("student", 0), ("student", 1), ("finetune", 0),
-                                                        ("finetune", 1), ("kd-none", 0), ("kd-none", 1)]
-    for r in rows:
+    assert [(r["model"], r["layer"]) for r in first] == [("student", 0), ("student", 1), ("finetune", 0),
+                                                         ("finetune", 1), ("kd-none", 0), ("kd-none", 1)]
+    for r in first:
         assert 0 < r["entropy_norm"] <= 1 and 0 <= r["self_focus"] <= 1 and 0 < r["density"] <= 1
         assert 0 < r["top5_mass"] <= 1 and r["entropy"] > 0
         assert (r["similarity"] is None) == (r["layer"] == 0)
     # the adapter changed the maps (it targets q/k projections)
-    assert rows[0]["entropy"] != pytest.approx(rows[4]["entropy"], rel=1e-6)
+    assert first[0]["entropy"] != pytest.approx(first[4]["entropy"], rel=1e-6)
     # deterministic
-    assert A.attention_rows(PARAMS, tiny_root) == rows
+    assert rows() == first
+    # no prompts: nothing loaded, nothing summarised; more prompts than eval questions: named
+    assert A.arm_attention("student", ["none"], 0, "x", root=tiny_root / "nowhere") == []
+    with pytest.raises(KdError, match="attention_prompts = 4"):
+        A.arm_attention("student", ["none"], 4, "x", dtype="float32", root=tiny_root)
 
 
 def test_prompts_and_adapter_match_eval_path(tiny_root):

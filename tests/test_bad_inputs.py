@@ -32,9 +32,10 @@ from kd.errors import KdError, ParamError
 from kd.params import validate
 from kd.dvc_project import make_copy, placeholder_outputs, read_lock, tool_env
 from kd.preflight import preflight
+from kd.profiles import load as load_profile
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = yaml.safe_load((ROOT / "profiles/tiny.yaml").read_text())
+TINY = load_profile("tiny", ROOT)
 EDITABLE = ["params.yaml", "strategies.yaml", "tests/data/gsm8k/train.jsonl", "tests/data/gsm8k/test.jsonl"]
 OUTPUT_ROOTS = ["data", "models", "metrics", "results", "reports", "dvc.lock"]
 
@@ -322,7 +323,7 @@ def test_kd_repro_refuses_before_dvc_deletes_anything(proj, case):
                          ids=lambda c: c.id)
 def test_stage_process_exits_2_with_one_line(proj, case):
     case.edit(proj)
-    res = subprocess.run([sys.executable, f"stages/{case.stage[0]}.py", *case.stage[1:]], cwd=proj,
+    res = subprocess.run([sys.executable, "-m", f"stages.{case.stage[0]}", *case.stage[1:]], cwd=proj,
                          env=tool_env(root=proj), capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines()[-1].startswith("error: ")

@@ -90,14 +90,18 @@ ACCURACY = [{"model": m, "metric": k, "accuracy": a, "ci95_low": max(0.0, a - 0.
             for k in ("strict", "flexible")]
 
 
+ATTENTION_ARMS = ("student", "finetune", "kd-none", "kd-teacher")
+
+
 def _plot_inputs(root: Path) -> None:
     """The files the declared plots read, as the report and distill stages write them (dvclive tsv, json lists)."""
     (root / "reports").mkdir(exist_ok=True)
     (root / "reports/accuracy.json").write_text(json.dumps(ACCURACY))
-    (root / "reports/attention.json").write_text(json.dumps(
-        [{"model": m, "layer": l, "entropy": 2.0, "entropy_norm": 0.5 + 0.01 * l, "self_focus": 0.1,
-          "density": 0.03, "top5_mass": 0.6, "similarity": None if l == 0 else 0.4} for m in ("student", "kd-none")
-         for l in range(4)]))
+    (root / "reports/attention").mkdir(exist_ok=True)
+    for m in ATTENTION_ARMS:  # one attention stage per student arm of the tiny profile
+        (root / f"reports/attention/{m}.json").write_text(json.dumps(
+            [{"model": m, "layer": l, "entropy": 2.0, "entropy_norm": 0.5 + 0.01 * l, "self_focus": 0.1,
+              "density": 0.03, "top5_mass": 0.6, "similarity": None if l == 0 else 0.4} for l in range(4)]))
     for s in ("none", "teacher", "finetune"):  # the KD arms and the fine-tune control
         d = root / f"reports/distill/{s}/plots/metrics/train"
         d.mkdir(parents=True, exist_ok=True)
@@ -130,9 +134,10 @@ def test_plots_page_loads_only_inline_scripts(plots_page, page):
     assert not re.search(r"""src\s*=\s*["']?(https?:)?//""", html, flags=re.I)
     for lib in ("vega 5.", "vega-lite 5.", "vega-embed 6."):
         assert f"/* {lib}" in html, lib
-    # the declared plots: accuracy per arm, attention per layer, the 4 loss curves of each trained arm
+    # the declared plots: accuracy per arm, attention per layer of each student arm, the 4 loss curves of each
+    # trained arm
     divs = re.findall(r"vegaEmbed\('#([^']+)'", html)
-    assert len(divs) == 2 + 3 * 4, divs
+    assert len(divs) == 1 + len(ATTENTION_ARMS) + 3 * 4, divs
 
 
 def test_plots_diff_compares_revisions(plots_page):

@@ -16,6 +16,7 @@ from kd.environment import collect, fingerprint_of, headline, isa_summary, recor
 from kd.errors import ParamError
 from kd.params import validate
 from kd.portable import PORTABLE_ENV
+from kd.profiles import load as load_profile
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,7 +59,7 @@ def test_headline_and_table():
 
 
 def _tiny_params() -> dict:
-    return yaml.safe_load((ROOT / "profiles/tiny.yaml").read_text())
+    return load_profile("tiny", ROOT)
 
 
 def test_portable_needs_float32_dtypes():

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from lm_eval.api.model import LM
 
 from kd import evaluate as ev
@@ -16,6 +15,7 @@ from kd.answers import parse_gold, score
 from kd.errors import ArtefactError, KdError, ParamError
 from kd.prompting import render_question
 from kd.tiny import build_tokenizer, save_tiny
+from kd.profiles import load as load_profile
 
 REPO = Path(__file__).resolve().parents[1]
 GSM8K = REPO / "tests" / "data" / "gsm8k" / "test.jsonl"
@@ -27,7 +27,7 @@ ROW_KEYS = {"id", "prompt", "response", "gold", "pred_strict", "pred_flexible", 
 
 
 def _params(**eval_overrides):
-    p = yaml.safe_load((REPO / "profiles" / "tiny.yaml").read_text())
+    p = load_profile("tiny", REPO)
     p["eval"].update({"limit": None, "max_new_tokens": MAX_NEW, "batch_size": 4, **eval_overrides})
     return p
 

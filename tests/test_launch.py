@@ -13,6 +13,7 @@ import yaml
 
 from kd.launch import launch_argv, mine
 from kd.verify import make_copy, tool_env
+from kd.profiles import load as load_profile
 from stage_runner import in_process
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,14 +33,14 @@ def test_mine_takes_every_nth_item_and_the_shares_cover_all():
 
 
 def test_launch_argv_uses_the_repo_config():
-    argv = launch_argv(4, "stages/teacher.py", ["none"], cuda=True)
+    argv = launch_argv(4, "stages.teacher", ["none"], cuda=True)
     assert argv[argv.index("--config_file") + 1] == str(ROOT / "accelerate/multi-gpu.yaml")
-    assert argv[argv.index("--num_processes") + 1] == "4" and argv[-2:] == ["stages/teacher.py", "none"]
-    assert launch_argv(2, "s.py", [], cuda=False)[4] == str(ROOT / "accelerate/cpu-gloo.yaml")
+    assert argv[argv.index("--num_processes") + 1] == "4" and argv[-3:] == ["--module", "stages.teacher", "none"]
+    assert launch_argv(2, "stages.logits", [], cuda=False)[4] == str(ROOT / "accelerate/cpu-gloo.yaml")
 
 
 def _params(root: Path, processes: int) -> None:
-    p = yaml.safe_load((ROOT / "profiles/tiny.yaml").read_text())
+    p = load_profile("tiny", ROOT)
     p["prompting"]["strategies"] = ["none"]
     p["teacher"]["batch_size"] = 1   # chunks of 4 rows: the 8 transfer questions make 2 chunks, one per process
     p["logits"]["shard_rows"] = 40   # several signal shards, each checked on its first example
@@ -48,7 +49,7 @@ def _params(root: Path, processes: int) -> None:
 
 
 def _stage(root: Path, *args: str) -> str:
-    res = subprocess.run([sys.executable, f"stages/{args[0]}.py", *args[1:]], cwd=root, env=tool_env(root=root),
+    res = subprocess.run([sys.executable, "-m", f"stages.{args[0]}", *args[1:]], cwd=root, env=tool_env(root=root),
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res.stdout + res.stderr

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from kd.arms import student_arms
 from stage_runner import dvc_project, run_cmd
 
 # two strategies keep the test quick; every stage kind still runs (the full tiny profile is `kd verify`'s job)
@@ -38,6 +39,13 @@ def test_repro_produces_every_output(project):
     # `dvc metrics show` is one narrow table (DVC makes a column of every key any metrics file has)
     shown = run_cmd(["dvc", "metrics", "show"], root, env)
     assert max(map(len, shown.splitlines())) <= 120, shown
+    # one attention stage per student arm (kd.arms), and the report's table is exactly their rows
+    arms = student_arms(STRATEGIES)
+    per_arm = [r for a in arms for r in json.loads((root / f"reports/attention/{a}.json").read_text())]
+    assert [r["model"] for r in per_arm] == [a for a in arms for _ in range(2)]  # the tiny student has 2 layers
+    table = json.loads((root / "reports/attention.json").read_text())
+    assert [(r["model"], r["layer"]) for r in table] == [(r["model"], r["layer"]) for r in per_arm]
+    assert table[0]["entropy_norm"] == pytest.approx(per_arm[0]["entropy_norm"], rel=1e-5)
     assert (root / "reports/index.html").exists() and (root / "reports/index.md").exists()
     assert "accuracy" in (root / "reports/index.md").read_text().lower()
     status = run_cmd(["dvc", "status"], root, env)
@@ -55,7 +63,8 @@ def test_dry_run_shows_what_a_change_will_rerun(project):
         env = {**env, "PYTHONPATH": str(root)}
         out = run_cmd([sys.executable, "-m", "kd.cli", "repro", "--dry", "--force-downstream"], root, env)
         ran = set(re.findall(r"Running stage '([^']+)'", out))
-        assert ran == {f"distill@{s}" for s in STRATEGIES} | {f"eval_kd@{s}" for s in STRATEGIES} | {"report"}, out
+        assert ran == {f"{stage}@{s}" for stage in ("distill", "eval_kd", "attention_kd") for s in STRATEGIES} | {
+            "report"}, out
         assert (root / "dvc.lock").read_bytes() == lock
     finally:
         (root / "params.yaml").write_text(params)
@@ -65,7 +74,7 @@ def test_alpha_change_reruns_only_what_alpha_touches(project):
     root, env, _ = project
     out = run_cmd(["dvc", "exp", "run", "-S", "alpha=0.3"], root, env)
     ran = set(re.findall(r"Running stage '([^']+)'", out))
-    expected = {f"distill@{s}" for s in STRATEGIES} | {f"eval_kd@{s}" for s in STRATEGIES} | {"report"}
+    expected = {f"{stage}@{s}" for stage in ("distill", "eval_kd", "attention_kd") for s in STRATEGIES} | {"report"}
     assert ran == expected, out
     diff = run_cmd(["dvc", "metrics", "diff"], root, env)  # the headline: only what changed, if anything did
     assert all(len(line) <= 120 for line in diff.splitlines()) and "results/" not in diff, diff

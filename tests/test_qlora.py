@@ -16,6 +16,7 @@ import yaml
 from kd.errors import ParamError
 from kd.params import validate
 from kd.verify import make_copy
+from kd.profiles import load as load_profile
 from stage_runner import in_process
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.slow
 
 
 def tiny(**student) -> dict:
-    p = yaml.safe_load((ROOT / "profiles/tiny.yaml").read_text())
+    p = load_profile("tiny", ROOT)
     p["prompting"]["strategies"] = ["none"]
     p["student"].update(student)
     return p

@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from kd.errors import ArtefactError, KdError
 from kd.report import write_report
 from kd.stats import wilson_interval
+from kd.profiles import load as load_profile
 
 REPO = Path(__file__).resolve().parent.parent
 N = 20
@@ -38,7 +38,7 @@ def trained(params):
 def params():
     from kd.params import validate
 
-    return validate(yaml.safe_load((REPO / "profiles/tiny.yaml").read_text()), root=REPO)
+    return validate(load_profile("tiny", REPO), root=REPO)
 
 
 def _dump(path: Path, obj) -> None:
@@ -266,3 +266,21 @@ def test_no_attention_rows(tmp_path, params):
     assert not (tmp_path / "reports/plots/attention.png").exists()
     assert json.loads((tmp_path / "reports/attention.json").read_text()) == []
     assert "## Attention" not in (tmp_path / "reports/index.md").read_text()
+
+
+def test_attention_read_from_the_attention_stages(tmp_path, params):
+    """The report reads the attention stages' per-arm files (kd.arms order) and loads no model; a missing or
+    malformed file is named."""
+    from kd.report import read_attention
+
+    rows = attention_fixture(params)
+    arms = list(dict.fromkeys(r["model"] for r in rows))
+    with pytest.raises(ArtefactError, match=f"reports/attention/{arms[0]}.json"):
+        read_attention(params["prompting"]["strategies"], tmp_path)
+    for arm in reversed(arms):  # written in any order, read in the arms' order
+        _dump(tmp_path / f"reports/attention/{arm}.json", [r for r in rows if r["model"] == arm])
+    assert read_attention(params["prompting"]["strategies"], tmp_path) == rows
+    for bad in ({"model": arms[-1], "layer": 0}, [{**rows[0], "model": arms[0]}]):  # not a list; another arm's rows
+        _dump(tmp_path / f"reports/attention/{arms[-1]}.json", bad)
+        with pytest.raises(ArtefactError, match=f"{arms[-1]}.json: not a list of {arms[-1]}'s"):
+            read_attention(params["prompting"]["strategies"], tmp_path)

@@ -133,8 +133,11 @@ def test_remote_code_is_never_trusted_by_a_literal():
 
 
 def test_profiles_keep_remote_code_off():
-    for prof in ROOT.glob("profiles/*.yaml"):
-        p = yaml.safe_load(prof.read_text())
+    from kd.profiles import load, names
+
+    assert names(ROOT) == ["cpu", "paper", "tiny"]
+    for prof in names(ROOT):  # as `kd profile` writes them: base + override
+        p = load(prof, ROOT)
         assert p["teacher"]["trust_remote_code"] is False and p["student"]["trust_remote_code"] is False, prof
 
 

@@ -6,12 +6,12 @@ import os
 from pathlib import Path
 
 import pytest
-import yaml
 from click.testing import CliRunner
 
 from kd.cli import cli
 from stage_runner import in_process  # stages/<name>.py run in this process
 from kd.dvc_project import make_copy
+from kd.profiles import load as load_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    p = yaml.safe_load((ROOT / "profiles/tiny.yaml").read_text())
+    p = load_profile("tiny", ROOT)
     p["prompting"]["strategies"] = ["none"]
     root = make_copy(ROOT, tmp_path_factory.mktemp("select") / "project", params=p)
     for args in (("prepare",), ("model", "teacher"), ("model", "student"), ("teacher", "none"), ("logits", "none")):

@@ -19,13 +19,14 @@ from click.testing import CliRunner
 from kd.cli import cli
 from stage_runner import in_process  # stages/<name>.py run in this process
 from kd.dvc_project import make_copy, placeholder_outputs, tool_env
+from kd.profiles import load as load_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
 def params(root: Path, **tune) -> dict:
-    p = yaml.safe_load((ROOT / "profiles/tiny.yaml").read_text())
+    p = load_profile("tiny", ROOT)
     p["prompting"]["strategies"] = ["none"]
     p["distill"]["epochs"] = 1  # 8 steps a trial: the tests are about the study, not the training
     p["tune"].update({"objective": "nll", "report_every": 2, "heartbeat": 1, **tune})

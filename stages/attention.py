@@ -1,0 +1,36 @@
+"""Stages `attention_*`: per-layer attention statistics of one student arm (kd/arms.py), exactly as evaluated
+(adapter unmerged), over the first report.attention_prompts eval questions -> reports/attention/<arm>.json."""
+
+import kd.portable; kd.portable.apply()  # noqa: E702 - compute.portable: ISA caps, before torch loads
+
+import time
+
+import click
+
+from kd.arms import student_arms
+from kd.attention import arm_attention
+from kd.cli_util import run_stage
+from kd.io import write_json
+from kd.names import stage_arg
+from kd.params import load_config
+from kd.paths import ATTENTION_DIR
+from kd.seeding import seed_everything
+
+
+@click.command()
+@click.argument("arm")
+def main(arm):
+    c = load_config()
+    strategies = c.prompting.strategies
+    stage_arg("arm", arm, student_arms(strategies), "arm")  # before any path use
+    t0 = time.time()
+    seed_everything(c.seed)
+    rows = arm_attention(arm, strategies, c.report.attention_prompts, c.prompting.instruction,
+                         dtype=c.student.dtype, trust_remote_code=c.student.trust_remote_code)
+    write_json(ATTENTION_DIR / f"{arm}.json", [{"model": arm, **r} for r in rows])  # one line per arm in `dvc plots`
+    print(f"attention@{arm}: {len(rows)} layers over {c.report.attention_prompts} prompts "
+          f"({time.time() - t0:.1f} s)")
+
+
+if __name__ == "__main__":
+    run_stage(main)
