@@ -92,7 +92,7 @@ def write_plots(study, out_dir: Path, seed: int) -> list[str]:
     import optuna
     from optuna.trial import TrialState
 
-    from kd.report import PNG_DPI, RC
+    from kd.report_plots import PNG_DPI, RC
 
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     vis = optuna.visualization.matplotlib

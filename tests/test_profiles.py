@@ -70,4 +70,4 @@ def test_an_override_key_the_base_lacks_is_named(tmp_path):
 def test_names_that_are_not_profiles_are_refused(bad):
     with pytest.raises(KdError) as e:
         render(bad, ROOT)
-    assert str(e.value).endswith("(allowed: cpu, paper, tiny)"), str(e.value)
+    assert str(e.value).endswith("(allowed: cpu, gpu, paper, tiny)"), str(e.value)
