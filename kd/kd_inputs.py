@@ -14,7 +14,6 @@ from typing import Any, Callable
 
 from kd.distill import Example, build_examples, select_responses
 from kd.io import read_jsonl
-from kd.loading import load_tokenizer
 from kd.teacher_signal import TeacherSignal
 from kd.vocab import check_same_vocab
 
@@ -42,6 +41,8 @@ class KdInputs:
 def load_kd_inputs(root: str | Path, strategy: str, trust_remote_code: bool) -> KdInputs:
     """Read and check strategy `strategy`'s teacher responses and signal against the transfer questions and the
     teacher/student pair under `root` (the project root)."""
+    from kd.loading import load_tokenizer  # looked up per call, like the stages do (tests trap early loads)
+
     root = Path(root)
     responses = read_jsonl(root / f"data/teacher/{strategy}/responses.jsonl")
     questions = {r["id"]: r for r in read_jsonl(root / "data/prepared/transfer.jsonl")}
