@@ -26,6 +26,8 @@ SKIP = {
     "kd repro": "runs the whole pipeline (kd repro --dry is run)",
     "dvc exp run -S alpha=0.61 -S temperature=2.0": "runs distill, eval and report (tests/test_pipeline.py runs "
                                                     "`dvc exp run -S alpha=0.3` on the tiny profile)",
+    "dvc exp run -S alpha=0.61": "re-runs distill, eval_kd, attention_kd and report of the real default (its output is "
+                                 "shown; tests/test_pipeline.py runs `dvc exp run -S alpha=0.3` on the tiny profile)",
     "dvc repro logits@none model@student": "runs stages (tests/test_tune.py builds a tiny project in-process)",
     "kd bench": "a benchmark (minutes); tests/test_bench.py runs it on the tiny pair",
     "kd bench --profile tiny --threads 1": "a benchmark (minutes); tests/test_bench.py runs it on the tiny pair",
