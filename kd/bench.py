@@ -160,8 +160,6 @@ def bench_decoding(model, tokenizer, *, n: int, batch: int, max_new: int, b1_row
 
 def bench_growth_decoding(model, tokenizer, *, n: int, batch: int, max_new: int) -> dict:
     """6: generation wall time for n and 4n questions at a fixed batch (rows leave and join as they finish)."""
-    import math
-
     pad = tokenizer.pad_token_id
     prompts = prompts_for(tokenizer, 4 * n)
     stops = _stops(model, tokenizer, prompts[:n], max_new)
@@ -173,7 +171,7 @@ def bench_growth_decoding(model, tokenizer, *, n: int, batch: int, max_new: int)
     }, 1)
     return {"questions": [n, 4 * n], "batch": batch, "max_new_tokens": max_new, "seconds": [times["1x"], times["4x"]],
             "tokens": [sum(map(len, res["1x"])), sum(map(len, res["4x"]))],
-            "exponent": math.log(times["4x"] / times["1x"]) / math.log(4)}
+            "exponent": _exponent([times["1x"], times["4x"]])}
 
 
 def _train_step_child(conn, student_dir, teacher_dir, dtype, variant, seq, resp, steps, threads):
@@ -221,19 +219,32 @@ def _train_step_child(conn, student_dir, teacher_dir, dtype, variant, seq, resp,
     conn.send({"seconds": dt, "peak_rss_kib": peak, "rss_at_start_kib": base})
 
 
-def bench_training(student_dir, teacher_dir, dtype: str, *, seq: int, resp: int, steps: int) -> dict:
-    """3 and 4: tokens/s and peak RSS of a distill step (offline signal / online teacher) vs a plain SFT step."""
+def _train_steps(student_dir, teacher_dir, dtype: str, variant: str, seq: int, resp: int, steps: int) -> dict:
+    """`steps` training steps of one kind in a fresh process (its own peak memory): seconds, peak RSS."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
+    a, b = ctx.Pipe()
+    p = ctx.Process(target=_train_step_child, args=(b, str(student_dir), str(teacher_dir), dtype, variant, seq, resp,
+                                                    steps, torch.get_num_threads()))
+    p.start()
+    out = a.recv()
+    p.join()
+    return out
+
+
+def _exponent(seconds: list[float]) -> float:
+    """k in t ~ n^k from the times at n and 4n."""
+    import math
+
+    return math.log(seconds[1] / seconds[0]) / math.log(4)
+
+
+def bench_training(student_dir, teacher_dir, dtype: str, *, seq: int, resp: int, steps: int) -> dict:
+    """3 and 4: tokens/s and peak RSS of a distill step (offline signal / online teacher) vs a plain SFT step."""
     out = {}
     for variant in ("sft", "distill_offline", "distill_online"):
-        a, b = ctx.Pipe()
-        p = ctx.Process(target=_train_step_child, args=(b, str(student_dir), str(teacher_dir), dtype, variant, seq,
-                                                        resp, steps, torch.get_num_threads()))
-        p.start()
-        out[variant] = a.recv()
-        p.join()
+        out[variant] = _train_steps(student_dir, teacher_dir, dtype, variant, seq, resp, steps)
         out[variant]["tokens_per_s"] = steps * seq / out[variant]["seconds"]
     return {"sequence_tokens": seq, "response_tokens": resp, "steps": steps, "runs": out,
             "3_distill_vs_sft_speed": out["distill_offline"]["tokens_per_s"] / out["sft"]["tokens_per_s"],
@@ -244,19 +255,9 @@ def bench_training(student_dir, teacher_dir, dtype: str, *, seq: int, resp: int,
 
 def bench_growth_training(student_dir, teacher_dir, dtype: str, *, seq: int, resp: int, steps: int) -> dict:
     """6: distill (offline signal) wall time for `steps` and 4x `steps` examples (one example a step)."""
-    import math
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    secs = []
-    for k in (steps, 4 * steps):
-        a, b = ctx.Pipe()
-        p = ctx.Process(target=_train_step_child, args=(b, str(student_dir), str(teacher_dir), dtype,
-                                                        "distill_offline", seq, resp, k, torch.get_num_threads()))
-        p.start()
-        secs.append(a.recv()["seconds"])
-        p.join()
-    return {"questions": [steps, 4 * steps], "seconds": secs, "exponent": math.log(secs[1] / secs[0]) / math.log(4)}
+    secs = [_train_steps(student_dir, teacher_dir, dtype, "distill_offline", seq, resp, k)["seconds"]
+            for k in (steps, 4 * steps)]
+    return {"questions": [steps, 4 * steps], "seconds": secs, "exponent": _exponent(secs)}
 
 
 def bench_dvc(root: Path) -> dict:
