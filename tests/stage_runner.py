@@ -16,11 +16,17 @@ from kd.profiles import load as load_profile
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def in_process(root: Path, name: str, *args: str) -> None:
-    """Run stages/<name>.py's command in `root`, from a freshly loaded module (no state shared between tests)."""
-    spec = importlib.util.spec_from_file_location(f"stage_{name}_in_process", ROOT / "stages" / f"{name}.py")
+def load_stage(name: str, tag: str):
+    """A fresh module object of stages/<name>.py (named stage_<name>_<tag>): tests patch its loaders freely."""
+    spec = importlib.util.spec_from_file_location(f"stage_{name}_{tag}", ROOT / "stages" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def in_process(root: Path, name: str, *args: str) -> None:
+    """Run stages/<name>.py's command in `root`, from a freshly loaded module (no state shared between tests)."""
+    mod = load_stage(name, "in_process")
     cwd = os.getcwd()
     os.chdir(root)
     try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib.util
 import json
 import math
 import re
@@ -33,6 +32,7 @@ from kd.params import validate
 from kd.dvc_project import make_copy, placeholder_outputs, read_lock, tool_env
 from kd.preflight import preflight
 from kd.profiles import load as load_profile
+from stage_runner import load_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = load_profile("tiny", ROOT)
@@ -75,10 +75,7 @@ _stage_modules: dict[str, Any] = {}
 
 def stage_module(name: str):
     if name not in _stage_modules:
-        spec = importlib.util.spec_from_file_location(f"stage_{name}_under_test", ROOT / "stages" / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        _stage_modules[name] = mod
+        _stage_modules[name] = load_stage(name, "under_test")
     return _stage_modules[name]
 
 

@@ -10,7 +10,6 @@ bounded (subprocesses run under an RLIMIT_AS), nothing already computed lost. Th
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import resource
@@ -26,7 +25,7 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from kd.errors import ArtefactError, KdError, ParamError
+from kd.errors import KdError, ParamError
 from kd.names import is_model, is_strategy
 from kd.params import validate
 from kd.prompting import FIELDS, fill, load_strategies, template_fields
@@ -34,6 +33,7 @@ from kd.dvc_project import make_copy, placeholder_outputs, read_lock, tool_env
 from kd.preflight import preflight
 from kd.repro import repro_lock
 from kd.profiles import load as load_profile, names as profile_names
+from stage_runner import load_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = load_profile("tiny", ROOT)
@@ -129,10 +129,7 @@ _modules: dict[str, Any] = {}
 
 def stage_module(name: str):
     if name not in _modules:
-        spec = importlib.util.spec_from_file_location(f"stage_{name}_hostile", ROOT / "stages" / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        _modules[name] = mod
+        _modules[name] = load_stage(name, "hostile")
     return _modules[name]
 
 
