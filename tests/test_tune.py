@@ -25,10 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def params(root: Path, **tune) -> dict:
+def params(root: Path, epochs: int = 1, **tune) -> dict:
     p = load_profile("tiny", ROOT)
     p["prompting"]["strategies"] = ["none"]
-    p["distill"]["epochs"] = 1  # 8 steps a trial: the tests are about the study, not the training
+    p["distill"]["epochs"] = epochs  # 8 steps an epoch: the tests are about the study, not the training
     p["tune"].update({"objective": "nll", "report_every": 2, "heartbeat": 1, **tune})
     (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False), encoding="utf-8")
     return p
@@ -99,12 +99,15 @@ def test_three_trial_study(project):
 
 
 def test_resume_after_sigkill(project):
-    p = params(project, storage="sqlite:///tune/killed.db")
+    # 6 epochs (48 steps) a trial, so the second trial stays mid-way long enough for a poll to see it on a fast
+    # machine (with 8 steps it finished between two polls in CI)
+    p = params(project, epochs=6, storage="sqlite:///tune/killed.db")
     proc = kd(project, "tune")
     killed = None
     deadline = time.time() + 300
     while time.time() < deadline and killed is None:  # kill in the middle of the second trial's training
-        time.sleep(0.5)
+        time.sleep(0.05)
+        assert proc.poll() is None, "the study finished before a trial was seen mid-way:\n" + proc.stdout.read()
         try:
             ts = trials(project, p)
         except Exception:  # the study or its database is not created yet
