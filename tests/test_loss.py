@@ -1,4 +1,7 @@
-"""The distillation loss against an independent float64 reference (dense softmax, numpy)."""
+"""The distillation loss against an independent float64 reference (dense softmax, numpy).
+
+The loss computes in float32 (each position's vocabulary sum accumulated in float64): measured against the float64
+reference its relative error is <= 3e-7 (up to 8e-6 nats on a 28-nat divergence), hence rtol=1e-6."""
 
 import numpy as np
 import pytest
@@ -32,7 +35,7 @@ def test_divergence_matches_float64_reference(kind, temp):
     s = rng.normal(0, 3, (7, 1000)).astype(np.float32)
     t = rng.normal(0, 3, (7, 1000)).astype(np.float32)
     got = divergence(torch.from_numpy(s), torch.from_numpy(t), temp, kind).double().numpy()
-    np.testing.assert_allclose(got, _reference(s, t, temp, kind), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got, _reference(s, t, temp, kind), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["reverse_kl", "forward_kl", "jsd"])
@@ -42,7 +45,7 @@ def test_divergence_sharp_distributions(kind):
     s = rng.normal(0, 3, (7, 1000)).astype(np.float32)
     t = rng.normal(0, 3, (7, 1000)).astype(np.float32)
     got = divergence(torch.from_numpy(s), torch.from_numpy(t), 0.5, kind).double().numpy()
-    np.testing.assert_allclose(got, _reference(s, t, 0.5, kind), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got, _reference(s, t, 0.5, kind), rtol=1e-6, atol=1e-6)
 
 
 def test_reverse_kl_is_student_weighted():
@@ -81,6 +84,32 @@ def test_chunked_response_losses_match_reference(kind):
     ce2, kd2 = response_losses(hidden, head, targets, lambda a, b: teacher[a:b], temp, kind, chunk=n)
     combine(ce2, kd2, alpha, temp).backward()
     torch.testing.assert_close(g_chunked, hidden.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["reverse_kl", "forward_kl", "jsd"])
+def test_frozen_head_fused_gradient_matches_float64_autograd(kind):
+    """With a frozen output layer (LoRA) each chunk's gradient is taken in the forward pass (_FusedHeadLoss): the
+    hidden-state gradient of alpha*CE + (1-alpha)*T^2*KD equals float64 autograd through the dense formula."""
+    torch.manual_seed(2)
+    n, h, v, width, temp, alpha = 9, 16, 300, 290, 5.942267335064758, 0.6093348343631224
+    head = torch.nn.Linear(h, v, bias=False).requires_grad_(False)
+    hidden = torch.randn(n, h, requires_grad=True)
+    teacher = torch.randn(n, v) * 2
+    targets = torch.randint(0, width, (n,))
+    ce, kd = response_losses(hidden, head, targets, lambda a, b: teacher[a:b], temp, kind, 4, width)
+    combine(ce, kd, alpha, temp).backward()
+    h64 = hidden.detach().double().requires_grad_(True)
+    logits = (h64 @ head.weight.double().T)[:, :width]
+    ce64 = torch.nn.functional.cross_entropy(logits, targets)
+    s64 = torch.log_softmax(logits / temp, -1)
+    t64 = torch.log_softmax(teacher.double()[:, :width] / temp, -1)
+    m64 = torch.logsumexp(torch.stack([s64, t64]), 0) - np.log(2)
+    kd64 = {"reverse_kl": (s64.exp() * (s64 - t64)).sum(-1), "forward_kl": (t64.exp() * (t64 - s64)).sum(-1),
+            "jsd": 0.5 * (s64.exp() * (s64 - m64)).sum(-1) + 0.5 * (t64.exp() * (t64 - m64)).sum(-1)}[kind].mean()
+    (alpha * ce64 + (1 - alpha) * temp**2 * kd64).backward()
+    assert abs(ce.item() - ce64.item()) < 1e-6 and abs(kd.item() - kd64.item()) < 1e-6
+    torch.testing.assert_close(hidden.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
+    assert head.weight.grad is None
 
 
 def test_width_drops_padding_columns():

@@ -1,0 +1,69 @@
+"""kd/cpu_kernels.py: the decoding-only kernels equal what they replace, and are undone afterwards."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from kd.cpu_kernels import GQA, decoding_kernels, grouped_query_attention, prepacked_linears
+from kd.decode import greedy_decode
+
+
+def _load(path, dtype):
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+
+
+def test_prepacked_linears_are_bit_identical_and_undone(tiny_models):
+    model = _load(tiny_models / "teacher", torch.bfloat16)
+    ids = torch.randint(0, 256, (5, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        with prepacked_linears(model, 5):
+            patched = [m for m in model.modules() if "forward" in vars(m)]
+            packed = model(input_ids=ids).logits
+        after = model(input_ids=ids).logits
+    if torch.backends.mkldnn.is_available():
+        assert len(patched) == sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert torch.equal(plain, packed) and torch.equal(plain, after)
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
+@pytest.mark.parametrize("q", [1, 6])
+def test_grouped_query_attention_matches_float64_reference(q):
+    """Each key/value head serves its group of query heads (repeat_kv's order), masked columns take no part."""
+    g = torch.Generator().manual_seed(1)
+    b, h, kvh, length, d = 3, 6, 2, 9, 8
+    query = torch.randn(b, h, q, d, generator=g)
+    key, value = torch.randn(b, kvh, length, d, generator=g), torch.randn(b, kvh, length, d, generator=g)
+    allowed = torch.ones(b, 1, q, length, dtype=torch.bool)
+    allowed[0, :, :, :3] = False  # a left-padded row
+    allowed[:, :, :, -q:] &= torch.ones(q, q, dtype=torch.bool).tril()  # causal within the new rows
+    mask = torch.zeros(b, 1, q, length).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    module = torch.nn.Module()
+    module.training, module.is_causal, module.num_key_value_groups = False, True, h // kvh
+    out, _ = grouped_query_attention(module, query, key, value, mask, scaling=d ** -0.5)
+    qn, kn, vn = (x.double().numpy() for x in (query, key, value))
+    ref = np.zeros((b, q, h, d))
+    for i in range(b):
+        for j in range(h):
+            s = qn[i, j] @ kn[i, j // (h // kvh)].T * d ** -0.5
+            s = np.where(allowed[i, 0].numpy(), s, -np.inf)
+            p = np.exp(s - s.max(-1, keepdims=True))
+            ref[i, :, j] = (p / p.sum(-1, keepdims=True)) @ vn[i, j // (h // kvh)]
+    np.testing.assert_allclose(out.double().numpy(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_decoding_kernels_switch_attention_back_and_keep_tokens(tiny_models):
+    """Decoding with the kernels gives the tokens of decoding without them (float32: no packing, the grouped
+    attention only), and the model's attention implementation is restored afterwards."""
+    model = _load(tiny_models / "student", torch.float32)
+    before = model.config._attn_implementation
+    prompts = [torch.randint(0, 256, (k,), generator=torch.Generator().manual_seed(k)).tolist() for k in (5, 19, 11)]
+    with decoding_kernels(model, 3):
+        assert model.config._attn_implementation == GQA
+    assert model.config._attn_implementation == before
+    ours = greedy_decode(model, prompts, max_new_tokens=12, stop_ids=[], pad_id=0, batch_size=3)
+    assert model.config._attn_implementation == before
+    plain = [model.generate(input_ids=torch.tensor([p]), max_new_tokens=12, do_sample=False, pad_token_id=0)[0, len(p):]
+             .tolist() for p in prompts]
+    assert ours == plain
