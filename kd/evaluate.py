@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from kd.errors import ArtefactError, KdError, ParamError
+from kd.errors import ArtefactError, KdError
 from kd.io import read_jsonl, write_json, write_jsonl
 from kd.prompting import eval_prompt  # shared with teacher/distill: every model sees the same question
 

@@ -9,7 +9,6 @@ it gives a drift report instead."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
