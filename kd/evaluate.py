@@ -33,7 +33,7 @@ INVALID = "[invalid]"  # lm-eval's regex-filter fallback when nothing matches; s
 
 EVAL_DATA = Path("data/prepared/eval.jsonl")
 MODELS_DIR = Path("models")
-METRICS_DIR = Path("results/eval")
+RESULTS_DIR = Path("results/eval")  # results/eval/<arm>.json: the full scores (the headline is in metrics/)
 REPORTS_DIR = Path("reports/eval")
 
 # ----------------------------------------------------------------------------------------------- models
@@ -392,6 +392,6 @@ def evaluate_model(name: str, params: dict, *, root: str | Path = ".", device: s
     out_rows, metrics = evaluate_docs(spec, rows, params, device=device)
     seconds = time.perf_counter() - t0
     write_jsonl(root / REPORTS_DIR / name / "samples.jsonl", out_rows)
-    write_json(root / METRICS_DIR / f"{name}.json", metrics)
+    write_json(root / RESULTS_DIR / f"{name}.json", metrics)
     return {"model": name, "items": metrics["n"], "tokens": sum(r["response_tokens"] for r in out_rows),
             "seconds": seconds, **metrics}
