@@ -92,7 +92,7 @@ INVALIDATION: list[Change] = [
     Change("kd/attention.py", None, ATTN_ALL),
     Change("compute.portable", True, (*S_ALL, "finetune", *EVAL_ALL, *ATTN_ALL),
            why="ISA caps for every stage that runs model math"),
-    Change("kd/environment.py", None, (*S_ALL, "finetune", *EVAL_ALL, "report")),
+    Change("kd/environment.py", None, (*S_ALL, "finetune", *EVAL_ALL, *ATTN_ALL, "report")),
     Change("kd/portable.py", None, (*S_ALL, "finetune", *EVAL_ALL, *ATTN_ALL)),
 ]
 
