@@ -31,7 +31,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from kd.errors import ArtefactError, KdError
+from kd.errors import KdError
 
 DENSITY_THRESHOLD = 0.1
 TOP_K = 5

@@ -117,6 +117,22 @@ def verify(profile_name, tolerance, rtol, atol, skip_invalidation, quick, keep, 
     sys.exit(0 if v.ok else 1)
 
 
+@cli.command("invalidation-table")
+@click.option("--write", is_flag=True, help="Put it into docs/reproducibility.md (between its markers).")
+def invalidation_table(write):
+    """The invalidation table (kd/invalidation.py: change -> stages out of date) as Markdown."""
+    from kd.dvc_project import ROOT
+    from kd.invalidation import DOC, doc_with_table, render_table
+    from kd.io import write_text
+
+    if not write:
+        click.echo(render_table(), nl=False)
+        return
+    doc = (Path.cwd() if (Path.cwd() / "dvc.yaml").exists() else ROOT) / DOC
+    write_text(doc, doc_with_table(doc.read_text(encoding="utf-8")))
+    click.echo(f"wrote the invalidation table into {doc}")
+
+
 @cli.command()
 @click.option("--profile", "size", type=click.Choice(["tiny", "real"]), default=None,
               help="tiny: build the tiny random pair in a temp dir (seconds); real: models/teacher and "

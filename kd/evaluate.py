@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from kd.errors import ArtefactError, KdError, ParamError
+from kd.errors import ArtefactError, KdError
 from kd.io import read_jsonl, write_json, write_jsonl
 from kd.prompting import eval_prompt  # shared with teacher/distill: every model sees the same question
 
@@ -33,7 +33,7 @@ INVALID = "[invalid]"  # lm-eval's regex-filter fallback when nothing matches; s
 
 EVAL_DATA = Path("data/prepared/eval.jsonl")
 MODELS_DIR = Path("models")
-METRICS_DIR = Path("results/eval")
+RESULTS_DIR = Path("results/eval")  # results/eval/<arm>.json: the full scores (the headline is in metrics/)
 REPORTS_DIR = Path("reports/eval")
 
 # ----------------------------------------------------------------------------------------------- models
@@ -392,6 +392,6 @@ def evaluate_model(name: str, params: dict, *, root: str | Path = ".", device: s
     out_rows, metrics = evaluate_docs(spec, rows, params, device=device)
     seconds = time.perf_counter() - t0
     write_jsonl(root / REPORTS_DIR / name / "samples.jsonl", out_rows)
-    write_json(root / METRICS_DIR / f"{name}.json", metrics)
+    write_json(root / RESULTS_DIR / f"{name}.json", metrics)
     return {"model": name, "items": metrics["n"], "tokens": sum(r["response_tokens"] for r in out_rows),
             "seconds": seconds, **metrics}

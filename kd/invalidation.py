@@ -73,13 +73,13 @@ INVALIDATION: list[Change] = [
     Change("distill.epochs", 1, (*TRAIN_ALL, "report")),
     Change("distill.lr", 0.01, (*TRAIN_ALL, "report")),
     Change("distill.lora.r", 2, (*TRAIN_ALL, "report")),
-    Change("distill.checkpoint_every", 2, TRAIN_ALL, why="part of the resume fingerprint"),
     Change("distill.momentum", 0.5, (*TRAIN_ALL, "report")),
+    Change("distill.checkpoint_every", 2, TRAIN_ALL, why="part of the resume fingerprint"),
     Change("distill.optimizer", "adamw-8bit", TRAIN_ALL),
     Change("distill.batch_size", 2, TRAIN_ALL, why="examples per optimizer step"),
     Change("eval.limit", 4, EVAL_ALL),
-    Change("eval.max_new_tokens", 12, (*EVAL_ALL, "report")),
     Change("eval.batch_size", 2, EVAL_ALL),
+    Change("eval.max_new_tokens", 12, (*EVAL_ALL, "report")),
     Change("report.attention_prompts", 1, (*ATTN_ALL, "report")),
     Change("tune.n_trials", 5, (), why="kd tune's own section: no stage reads it"),
     Change("kd/tune.py", None, (), why="kd tune only; its results reach the pipeline through kd tune --apply"),
@@ -92,9 +92,51 @@ INVALIDATION: list[Change] = [
     Change("kd/attention.py", None, ATTN_ALL),
     Change("compute.portable", True, (*S_ALL, "finetune", *EVAL_ALL, *ATTN_ALL),
            why="ISA caps for every stage that runs model math"),
-    Change("kd/environment.py", None, (*S_ALL, "finetune", *EVAL_ALL, "report")),
+    Change("kd/environment.py", None, (*S_ALL, "finetune", *EVAL_ALL, *ATTN_ALL, "report")),
     Change("kd/portable.py", None, (*S_ALL, "finetune", *EVAL_ALL, *ATTN_ALL)),
 ]
+
+
+# The doc table (docs/reproducibility.md) is generated from INVALIDATION: `kd invalidation-table --write`.
+DOC = Path("docs/reproducibility.md")
+DOC_BEGIN = "<!-- the invalidation table: generated from kd/invalidation.py by `kd invalidation-table --write` -->"
+DOC_END = "<!-- end of the generated invalidation table -->"
+_GROUPS = ((EVAL_ALL, "eval_*"), (EVAL_STUDENTS, "eval of every student arm"), (ATTN_ALL, "attention_*"))
+
+
+def _stages_text(patterns: tuple[str, ...]) -> str:
+    """A change's stages as the doc lists them: the named groups (every eval arm, ...) shortened, `*` escaped."""
+    out, i = [], 0
+    while i < len(patterns):
+        group = next(((g, label) for g, label in _GROUPS if patterns[i:i + len(g)] == g), None)
+        out.append(group[1] if group else patterns[i])
+        i += len(group[0]) if group else 1
+    return ", ".join(s.replace("*", r"\*") for s in out) or "nothing"
+
+
+def render_table(changes: list[Change] | None = None) -> str:
+    """The invalidation table as Markdown: one row per change, consecutive changes with the same stages merged."""
+    rows: list[list] = []
+    for c in INVALIDATION if changes is None else changes:
+        stages = _stages_text(c.expect) + (f"; tolerated: {_stages_text(c.tolerated)}" if c.tolerated else "")
+        why = c.why.replace("|", r"\|").replace("<", r"\<")  # Markdown: no cell break, no HTML tag
+        if rows and rows[-1][1:] == [stages, why]:
+            rows[-1][0].append(c.target)
+        else:
+            rows.append([[c.target], stages, why])
+    lines = ["| change | stages out of date | why |", "|---|---|---|"]
+    lines += [f"| {', '.join(f'`{t}`' for t in targets)} | {stages} | {why} |" for targets, stages, why in rows]
+    return "\n".join(lines) + "\n"
+
+
+def doc_with_table(text: str, table: str | None = None) -> str:
+    """`text` (docs/reproducibility.md) with the part between DOC_BEGIN and DOC_END replaced by the table."""
+    head, begin, rest = text.partition(DOC_BEGIN)
+    _, end, tail = rest.partition(DOC_END)
+    if not begin or not end:
+        raise VerifyError(f"{DOC}: the markers of the generated invalidation table are missing "
+                          f"({DOC_BEGIN} ... {DOC_END})")
+    return f"{head}{DOC_BEGIN}\n{render_table() if table is None else table}{DOC_END}{tail}"
 
 
 def expand(patterns: Iterable[str], stages: Iterable[str]) -> set[str]:

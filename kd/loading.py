@@ -81,6 +81,16 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     return tok
 
 
+def import_bnb(what: str):
+    """The bitsandbytes module, imported only when a quantized model or an 8-bit optimiser asks for it; a clear
+    error naming `what` needs it where it is not installed (the one availability check: kd/qlora.py uses it too)."""
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ArtefactError(f"{what} needs bitsandbytes (pip install bitsandbytes); it is not installed") from None
+    return bitsandbytes
+
+
 def load_model(path: str | Path, dtype: str = "bfloat16", trust_remote_code: bool = False,
                attn_implementation: str | None = None, device: str | None = None,
                quantization: str | None = None):
@@ -94,11 +104,7 @@ def load_model(path: str | Path, dtype: str = "bfloat16", trust_remote_code: boo
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if quantization:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise ArtefactError(f"quantization={quantization} needs bitsandbytes (pip install bitsandbytes); "
-                                "it is not installed") from None
+        import_bnb(f"quantization={quantization}")
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = (

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kd.errors import ArtefactError, ParamError
+from kd.errors import ParamError
 
 STUDENT_QUANTIZATIONS = ["bnb-4bit", "bnb-8bit"]
 OPTIMIZERS = ["sgd", "adamw-8bit", "paged-adamw-8bit"]
@@ -34,13 +34,6 @@ def check_params(p: dict) -> None:
                          "kernels are ISA-specific", "sgd with compute.portable true")
 
 
-def require_bnb(what: str) -> None:
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise ArtefactError(f"{what} needs bitsandbytes (pip install bitsandbytes); it is not installed") from None
-
-
 def make_optimizer(params: list, cfg: dict[str, Any]):
     """The LoRA weights' optimiser, by `distill.optimizer` (sgd when the key is absent)."""
     import torch
@@ -48,11 +41,10 @@ def make_optimizer(params: list, cfg: dict[str, Any]):
     name = cfg.get("optimizer", "sgd")
     if name == "sgd":
         return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
-    require_bnb(f"distill.optimizer={name}")
-    import bitsandbytes as bnb
+    if name not in OPTIMIZERS:
+        raise ParamError("distill.optimizer", f"is {name!r}", ", ".join(OPTIMIZERS))
+    from kd.loading import import_bnb  # here, not at the top: kd.params imports this module (no torch, no bnb)
 
-    if name == "adamw-8bit":
-        return bnb.optim.AdamW8bit(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    if name == "paged-adamw-8bit":
-        return bnb.optim.PagedAdamW8bit(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    raise ParamError("distill.optimizer", f"is {name!r}", ", ".join(OPTIMIZERS))
+    bnb = import_bnb(f"distill.optimizer={name}")
+    opt = bnb.optim.AdamW8bit if name == "adamw-8bit" else bnb.optim.PagedAdamW8bit
+    return opt(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])

@@ -49,8 +49,9 @@ class StageCheck:
         return "DIFFERS (same environment: a defect)" if self.same_environment else "drift (other environment)"
 
 
-def _env_file(stage: str) -> str:
-    return f"{ENV_DIR}/{stage.replace('@', '-')}.json"
+def _env_file(paths: list[str]) -> str | None:
+    """The stage's environment/<name>.json, as its dvc.lock outs name it (eval_kd@none: eval-kd-none.json)."""
+    return next((p for p in paths if p.startswith(f"{ENV_DIR}/")), None)
 
 
 def _stage_outs(lock: dict, stage: str) -> list[str]:
@@ -199,12 +200,12 @@ def _compare(stage: str, paths: list[str], kept: Path, clone: Path, lock_a: dict
         a, b = _files(kept / p), _files(clone / p)
         inner = [f"{p}/{n}".rstrip("/") for n in sorted(set(a) | set(b)) if a.get(n) != b.get(n)] if a else []
         differing += inner or [p]
-    env_a, env_b = kept / _env_file(stage), clone / _env_file(stage)
-    fp_a = fingerprint_of(json.loads(env_a.read_text())) if env_a.is_file() else None
-    fp_b = fingerprint_of(json.loads(env_b.read_text())) if env_b.is_file() else None
+    env = _env_file(paths)
+    fp_a, fp_b = (fingerprint_of(json.loads((r / env).read_text())) if env and (r / env).is_file() else None
+                  for r in (kept, clone))
     same_env = None if fp_a is None or fp_b is None else fp_a == fp_b
     # the environment file itself differs exactly when the environment does: not an output difference
-    outputs_differ = [d for d in differing if d != _env_file(stage)]
+    outputs_differ = [d for d in differing if d != env]
     check = StageCheck(stage, not outputs_differ, same_env, fp_a, fp_b, outputs_differ, None, seconds)
     if outputs_differ:
         rows = next((p for p in paths if (kept / p).is_dir() and _rows_file(kept / p)), None)

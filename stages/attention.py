@@ -10,6 +10,7 @@ import click
 from kd.arms import student_arms
 from kd.attention import arm_attention
 from kd.cli_util import run_stage
+from kd.environment import record_environment
 from kd.io import write_json
 from kd.names import stage_arg
 from kd.params import load_config
@@ -28,6 +29,7 @@ def main(arm):
     rows = arm_attention(arm, strategies, c.report.attention_prompts, c.prompting.instruction,
                          dtype=c.student.dtype, trust_remote_code=c.student.trust_remote_code)
     write_json(ATTENTION_DIR / f"{arm}.json", [{"model": arm, **r} for r in rows])  # one line per arm in `dvc plots`
+    record_environment(f"attention-{arm}")  # environment/attention-<arm>.json: the lineage beyond params + code
     print(f"attention@{arm}: {len(rows)} layers over {c.report.attention_prompts} prompts "
           f"({time.time() - t0:.1f} s)")
 

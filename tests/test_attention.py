@@ -258,3 +258,25 @@ def test_sdpa_model_rejected(tiny_root):
         assert "eager" in str(e)
     else:  # some transformers versions fall back to eager when attentions are requested
         assert len(out) == 2
+
+
+def test_attention_stage_records_its_environment(tiny_root):
+    """The attention stages write environment/attention-<arm>.json beside their statistics, like every model stage."""
+    import shutil
+    from pathlib import Path
+
+    import yaml
+
+    from kd.profiles import load
+    from stage_runner import in_process
+
+    project = Path(__file__).resolve().parents[1]
+    p = load("tiny", project)
+    p["prompting"]["strategies"], p["report"]["attention_prompts"] = ["none"], 2
+    (tiny_root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    shutil.copy(project / "strategies.yaml", tiny_root / "strategies.yaml")
+    for arm in ("student", "kd-none"):
+        in_process(tiny_root, "attention", arm)
+        env = json.loads((tiny_root / f"environment/attention-{arm}.json").read_text())
+        assert env["stage"] == f"attention-{arm}" and env["torch"]["threads"] >= 1
+        assert [r["model"] for r in json.loads((tiny_root / f"reports/attention/{arm}.json").read_text())] == [arm] * 2

@@ -113,3 +113,37 @@ def test_the_cause_bf16_matmul_bits_depend_on_the_onednn_isa_float32_do_not(tmp_
            for cap in ("AVX512_CORE_BF16", "AVX2")}
     assert bf16["AVX512_CORE_BF16"] != bf16["AVX2"]
     assert f32["AVX512_CORE_BF16"] == f32["AVX2"]
+
+
+def _recorded_name(script: Path, arg: str | None) -> str | None:
+    """The stage name a stage script passes to record_environment, with its one command-line argument filled in."""
+    import ast
+
+    for node in ast.walk(ast.parse(script.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "record_environment":
+            a = node.args[0]
+            if isinstance(a, ast.Constant):
+                return a.value
+            return "".join(v.value if isinstance(v, ast.Constant) else arg for v in a.values)
+    return None
+
+
+def test_every_stage_that_loads_a_model_records_its_environment():
+    """Each dvc.yaml stage that reads a models/ folder declares kd/environment.py and a cache: false
+    environment/<stage>.json, and its script writes exactly that file."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    checked = []
+    for name, stage in stages.items():
+        body = stage.get("do", stage)
+        if not any(isinstance(d, str) and d.startswith("models/") for d in body["deps"]):
+            continue
+        cmd = body["cmd"].split()
+        script, arg = ROOT / (cmd[2].replace(".", "/") + ".py"), (cmd[3] if len(cmd) > 3 else None)
+        outs = [o for o in body.get("outs", []) if isinstance(o, dict) and next(iter(o)).startswith("environment/")]
+        assert "kd/environment.py" in body["deps"] and len(outs) == 1, name
+        (path, opts), = outs[0].items()
+        assert opts == {"cache": False}, name
+        assert path == f"environment/{_recorded_name(script, arg)}.json", (name, path)
+        checked.append(name)
+    assert {"teacher", "logits", "distill", "finetune", "eval_teacher", "eval_student", "eval_kd", "attention_student",
+            "attention_finetune", "attention_kd"} <= set(checked), checked

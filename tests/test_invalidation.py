@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from kd.dvc_project import make_copy, placeholder_outputs
-from kd.invalidation import INVALIDATION, Change, check_invalidation, expand
+from kd.invalidation import (DOC, DOC_BEGIN, DOC_END, INVALIDATION, Change, check_invalidation, doc_with_table, expand,
+                           render_table)
 from kd.verify import Verdict, render
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,3 +61,37 @@ def test_invalidation_probe_restores_the_file(placeholder_project):
     rows = check_invalidation(root, [Change("strategies.yaml:teacher", "X {question}", ("teacher@teacher",))])
     assert rows[0].ok and rows[0].actual == {"teacher@teacher"}
     assert (root / "strategies.yaml").read_bytes() == before
+
+
+def test_doc_table_is_generated_from_the_table():
+    """docs/reproducibility.md shows exactly kd.invalidation.INVALIDATION (`kd invalidation-table --write`)."""
+    text = (ROOT / DOC).read_text(encoding="utf-8")
+    assert doc_with_table(text) == text, "docs/reproducibility.md: the invalidation table is stale; run " \
+                                         "`kd invalidation-table --write`"
+    for c in INVALIDATION:
+        assert f"`{c.target}`" in render_table(), c.target
+
+
+def test_doc_table_rows_and_write(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from kd.cli import cli
+    from kd.errors import KdError
+
+    rows = render_table([Change("a.x", 1, ("distill@*", "report")), Change("a.y", 2, ("distill@*", "report")),
+                         Change("s", 3, ("eval_teacher", "eval_student@*", "eval_finetune", "eval_kd@*"),
+                                ("attention_kd@*",), why="a | b <c>"), Change("t", 4)]).splitlines()
+    assert rows[2:] == [r"| `a.x`, `a.y` | distill@\*, report |  |",
+                        r"| `s` | eval_\*; tolerated: attention_kd@\* | a \| b \<c> |",
+                        "| `t` | nothing |  |"]
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    stale = f"# title\n\n{DOC_BEGIN}\n| old | table |\n{DOC_END}\n\nafter\n"
+    (tmp_path / DOC).write_text(stale)
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(cli, ["invalidation-table", "--write"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / DOC).read_text() == f"# title\n\n{DOC_BEGIN}\n{render_table()}{DOC_END}\n\nafter\n"
+    assert CliRunner().invoke(cli, ["invalidation-table"]).output == render_table()
+    with pytest.raises(KdError, match="markers"):
+        doc_with_table("no markers here")

@@ -46,6 +46,8 @@ def test_repro_produces_every_output(project):
     table = json.loads((root / "reports/attention.json").read_text())
     assert [(r["model"], r["layer"]) for r in table] == [(r["model"], r["layer"]) for r in per_arm]
     assert table[0]["entropy_norm"] == pytest.approx(per_arm[0]["entropy_norm"], rel=1e-5)
+    for a in arms:  # each attention stage records its environment, like every stage that runs model math
+        assert json.loads((root / f"environment/attention-{a}.json").read_text())["stage"] == f"attention-{a}"
     assert (root / "reports/index.html").exists() and (root / "reports/index.md").exists()
     assert "accuracy" in (root / "reports/index.md").read_text().lower()
     status = run_cmd(["dvc", "status"], root, env)

@@ -8,7 +8,7 @@ import yaml
 
 from kd.errors import KdError, ParamError
 from kd.params import validate
-from kd.profiles import load, names, render
+from kd.profiles import load, render
 
 ROOT = Path(__file__).resolve().parents[1]
 

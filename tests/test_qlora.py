@@ -7,6 +7,8 @@ import copy
 import csv
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -120,3 +122,27 @@ def test_8bit_optimizer_state_survives_a_checkpoint(tmp_path):
         for k, v in sa.items():
             if torch.is_tensor(v):
                 assert torch.equal(v, sb[k]), k
+
+
+def test_missing_bitsandbytes_is_named_by_what_needs_it(qlora, monkeypatch):
+    """One availability check (kd.loading.import_bnb) for a quantized load and an 8-bit optimiser alike."""
+    from kd.errors import ArtefactError
+    from kd.loading import load_model
+    from kd.qlora import make_optimizer
+
+    root, _ = qlora
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # what `import bitsandbytes` meets where it is absent
+    cfg = {"optimizer": "adamw-8bit", "lr": 1e-3, "weight_decay": 0.0, "momentum": 0.9}
+    with pytest.raises(ArtefactError, match=r"distill\.optimizer=adamw-8bit needs bitsandbytes"):
+        make_optimizer(list(torch.nn.Linear(2, 2).parameters()), cfg)
+    with pytest.raises(ArtefactError, match=r"quantization=bnb-4bit needs bitsandbytes"):
+        load_model(root / "models/student", quantization="bnb-4bit", device="cpu")
+    with pytest.raises(ParamError, match="sgd, adamw-8bit, paged-adamw-8bit"):  # a bad name before any import
+        make_optimizer([], {**cfg, "optimizer": "adam"})
+
+
+def test_qlora_imports_neither_torch_nor_bitsandbytes():
+    """kd.params imports kd.qlora for its checks: bitsandbytes (and torch) load only where an optimiser is made."""
+    code = "import sys, kd.qlora; print(sorted(m for m in ('torch', 'bitsandbytes') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

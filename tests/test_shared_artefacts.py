@@ -9,7 +9,6 @@ it gives a drift report instead."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -139,3 +138,27 @@ def test_verify_committed_without_a_remote(tmp_path):
     checks = verify_committed(fresh, ["teacher@none"], workdir=tmp_path, echo=said.append)
     assert [c.verdict for c in checks] == ["identical"] and exit_code(checks) == 0, render(checks)
     assert any("could not pull" in s for s in said)
+
+
+def test_committed_environment_is_found_by_the_stage_outs(tmp_path):
+    """eval_kd@none's environment is environment/eval-kd-none.json (not the stage name with '@' -> '-'): found from
+    the stage's outs, so a differing eval stage is judged by its environment, not 'committed environment unknown'."""
+    from kd.environment import collect
+    from kd.verify_committed import _compare
+
+    kept, clone = tmp_path / "kept", tmp_path / "clone"
+    paths = ["environment/eval-kd-none.json", "results/eval/kd-none.json"]
+    for root, acc, cpu in ((kept, 0.5, "A"), (clone, 0.25, "B")):
+        (root / "environment").mkdir(parents=True)
+        (root / "results/eval").mkdir(parents=True)
+        env = collect()
+        env["cpu"]["model"] = cpu
+        (root / paths[0]).write_text(json.dumps(env))
+        (root / paths[1]).write_text(json.dumps({"n": 4, "accuracy_strict": acc, "accuracy_flexible": acc}))
+    lock_a = {"eval_kd@none": {"outs": [{"path": p, "md5": f"a{i}"} for i, p in enumerate(paths)]}}
+    lock_b = {"eval_kd@none": {"outs": [{"path": p, "md5": f"b{i}"} for i, p in enumerate(paths)]}}
+    c = _compare("eval_kd@none", paths, kept, clone, lock_a, lock_b, 0.0)
+    assert c.verdict == "drift (other environment)" and c.differing == ["results/eval/kd-none.json"], c
+    (clone / paths[0]).write_text((kept / paths[0]).read_text())
+    c = _compare("eval_kd@none", paths, kept, clone, lock_a, lock_b, 0.0)
+    assert c.verdict == "DIFFERS (same environment: a defect)", c
