@@ -1,7 +1,8 @@
 """`compute.processes`: a heavy stage runs in this process for 1, and re-executes itself under `accelerate launch`
 for N, with the accelerate config from this repo's accelerate/ folder (multi-gpu.yaml when CUDA is there,
-cpu-gloo.yaml otherwise; fsdp.yaml for `distill@*` with `compute.sharding: fsdp`, kd/sharding.py). dvc.yaml keeps its `python -m stages.<stage> ...` commands: a stage calls `relaunch` first
-thing (with its module name), so `dvc repro` on a 4-GPU box with `compute.processes: 4` uses all four without editing dvc.yaml.
+cpu-gloo.yaml otherwise; fsdp.yaml for `distill@*` with `compute.sharding: fsdp`, kd/sharding.py). dvc.yaml keeps
+its `python -m stages.<stage> ...` commands: a stage calls `relaunch` first thing (with its module name), so
+`dvc repro` on a 4-GPU box with `compute.processes: 4` uses all four without editing dvc.yaml.
 
 Inside the launched processes `world()` gives (rank, world size) from torchrun's environment and `init()` joins the
 process group (NCCL on CUDA, gloo on the CPU). Work is split by `mine`: item k goes to rank k mod N, in the stage's

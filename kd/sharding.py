@@ -6,11 +6,13 @@ processes.
 - `fsdp`: for students too large for one device. torch's FSDP2 (`torch.distributed.fsdp.fully_shard`) shards every
   parameter, frozen base and LoRA alike, over the processes: each transformer block (the model's
   `_no_split_modules`, accelerate's TRANSFORMER_BASED_WRAP) is one unit all-gathered for its forward and backward,
-  the root (embeddings, final norm, output layer) another, gathered from its forward to the end of its backward; gradients are reduce-scattered and *summed* (divide factor
-  1, as `ddp` sums), the optimizer steps on each process's shard. Every process runs the same number of forward and
+  the root (embeddings, final norm, output layer) another, gathered from its forward to the end of its backward;
+  gradients are reduce-scattered and *summed* (divide factor 1, as `ddp` sums), the optimizer steps on each
+  process's shard. Every process runs the same number of forward and
   backward passes per optimizer step (FSDP's collectives need them all): one that has fewer of the step's examples
   runs a zero-weight pass. Checkpoints and the adapter are gathered to full tensors (a collective), and written by
-  process 0 in the same format as one process's.
+  process 0 in the same format as one process's. With compute.processes 1 there is nothing to shard: one process
+  trains the whole student, as with `ddp`. Not with a bitsandbytes student or optimiser (kd/params.py refuses them).
 
 The launched processes read accelerate/fsdp.yaml's settings from the environment `accelerate launch` sets: it must
 say fsdp_version 2 and its fsdp_reshard_after_forward is applied here. Proven on the CPU with the gloo backend
