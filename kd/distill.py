@@ -25,6 +25,7 @@ from kd.loss import combine, response_losses
 from kd.params import RESPONSE_FILTERS
 from kd.prompting import chat_ids, render_question
 from kd.qlora import make_optimizer
+from kd.sharding import all_reduce_grads, all_reduce_sums, full, is_sharded, like
 
 CALCULATOR = re.compile(r"<<[^>]*>>")
 
@@ -134,15 +135,18 @@ class Checkpoint:
     def __init__(self, path: Path, fingerprint: str):
         self.path, self.fingerprint = Path(path), fingerprint
 
-    def save(self, model, optimizer, step: int, history: list[dict]) -> None:
-        tensors = {f"param/{n}": p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    def save(self, model, optimizer, step: int, history: list[dict], write: bool = True) -> None:
+        """Full tensors (FSDP shards gathered: every process calls this, `write` on one)."""
+        tensors = {f"param/{n}": full(p) for n, p in model.named_parameters() if p.requires_grad}
         for i, group in enumerate(optimizer.param_groups):
             for j, p in enumerate(group["params"]):  # SGD's momentum, AdamW8bit's quantized moments, ...
                 for key, v in optimizer.state.get(p, {}).items():
                     if torch.is_tensor(v):
-                        tensors[f"optim/{i}/{j}/{key}"] = v.detach().cpu()
+                        tensors[f"optim/{i}/{j}/{key}"] = full(v)
                     else:  # a python number (bitsandbytes' step count): restored as one
                         tensors[f"optim/{i}/{j}/{key}#number"] = torch.tensor(v)
+        if not write:
+            return
         tensors["rng/torch"] = torch.get_rng_state()
         meta = {"fingerprint": self.fingerprint, "step": str(step), "history": json.dumps(history)}
         save_safetensors(tensors, self.path, metadata=meta)
@@ -167,14 +171,15 @@ class Checkpoint:
         with torch.no_grad():
             for k, v in tensors.items():
                 if k.startswith("param/"):
-                    params[k[len("param/"):]].copy_(v)
+                    p = params[k[len("param/"):]]
+                    p.copy_(like(p, v))  # FSDP: this process's shard of it
         for i, group in enumerate(optimizer.param_groups):
             for j, p in enumerate(group["params"]):
                 prefix = f"optim/{i}/{j}/"
                 for k in (k for k in tensors if k.startswith(prefix)):
                     key, v = k[len(prefix):], tensors[k]
                     optimizer.state[p][key.removesuffix("#number")] = (
-                        v.item() if key.endswith("#number") else v.to(p.device).clone())
+                        v.item() if key.endswith("#number") else like(p, v).clone())
         torch.set_rng_state(tensors["rng/torch"])
         return int(meta["step"]), json.loads(meta["history"])
 
@@ -195,6 +200,7 @@ def train(model, examples: list[Example], teacher_for: Callable[[int], Callable[
     opt = make_optimizer(params, cfg)
     batch = cfg.get("batch_size", 1)
     rank, size = shard
+    sharded = is_sharded(model)  # compute.sharding fsdp (kd/sharding.py)
     per_epoch = math.ceil(len(examples) / batch)
     total = cfg["epochs"] * per_epoch
     resumed = checkpoint.load(model, opt)
@@ -215,17 +221,27 @@ def train(model, examples: list[Example], teacher_for: Callable[[int], Callable[
             for g in opt.param_groups:
                 g["lr"] = lr
             sums = torch.zeros(3, dtype=torch.float64)
-            for ex in group[rank::size]:
+            mine = group[rank::size]
+            passes = math.ceil(len(group) / size) if sharded else len(mine)  # FSDP: the same count on every process
+            for n in range(passes):
+                real = n < len(mine)  # else a zero-weight pass, for FSDP's collectives only
+                ex = mine[n] if real else group[0]
+                if sharded:
+                    model.set_requires_gradient_sync(n == passes - 1)  # reduce-scatter once, after the last pass
                 if batch > 1:
                     torch.manual_seed((seed * 1000 + epoch) * 1_000_003 + ex.id)
                 losses = example_loss(model, ex, teacher_for(ex.id), alpha, temperature, cfg["loss"],
                                       cfg["hard_target"], cfg["kd_chunk"], width)
                 if not torch.isfinite(losses["loss"]):
                     raise KdError(f"distill: non-finite loss at step {step} (example id {ex.id}); lower distill.lr")
-                (losses["loss"] / len(group) if batch > 1 else losses["loss"]).backward()
-                sums += torch.tensor([float(losses[key].detach()) for key in ("loss", "ce", "kd")], dtype=torch.float64)
+                loss = losses["loss"] / len(group) if batch > 1 else losses["loss"]
+                (loss if real else loss * 0).backward()
+                if real:
+                    sums += torch.tensor([float(losses[k].detach()) for k in ("loss", "ce", "kd")], dtype=torch.float64)
             if size > 1:
-                _all_reduce_grads(params, sums)
+                if not sharded:
+                    all_reduce_grads(params)
+                all_reduce_sums(sums)
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
@@ -234,26 +250,10 @@ def train(model, examples: list[Example], teacher_for: Callable[[int], Callable[
             history.append(rec)
             if on_step:
                 on_step(step, rec)
-            if step % checkpoint_every == 0 and step < total and rank == 0:
-                checkpoint.save(model, opt, step, history)
+            if step % checkpoint_every == 0 and step < total and (rank == 0 or sharded):
+                checkpoint.save(model, opt, step, history, write=rank == 0)  # FSDP: every process gathers
     model.eval()
     return history
-
-
-def _all_reduce_grads(params: list, sums: torch.Tensor) -> None:
-    """Sum the trainable gradients (one flat buffer) and the logged loss sums over every process."""
-    import torch.distributed as dist
-
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-    dist.all_reduce(flat)
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad = flat[offset:offset + n].view_as(p).clone()
-        offset += n
-    on_device = sums.to(flat.device)  # NCCL reduces CUDA tensors only
-    dist.all_reduce(on_device)
-    sums.copy_(on_device.cpu())
 
 
 def summarise(history: list[dict], n_examples: int, epochs: int) -> dict:

@@ -64,6 +64,8 @@ INVALIDATION: list[Change] = [
            why="a QLoRA student: trained and evaluated on its quantized base"),
     Change("compute.processes", 2, ("teacher@*", "logits@*", "distill@*"),
            why="the stages launched over processes (same bytes: tests/test_launch.py); finetune and eval run in one"),
+    Change("compute.sharding", "fsdp", ("distill@*",),
+           why="how distill@* spreads the student over processes (kd/sharding.py); teacher and logits never shard"),
     Change("logits.format", "full", ("logits@*", "report")),
     Change("logits.top_k", 8, ("logits@*",), why="read only for format topk, but part of the stage's params"),
     Change("logits.shard_rows", 2, ("logits@*",)),

@@ -1,7 +1,8 @@
 """`compute.processes`: a heavy stage runs in this process for 1, and re-executes itself under `accelerate launch`
 for N, with the accelerate config from this repo's accelerate/ folder (multi-gpu.yaml when CUDA is there,
-cpu-gloo.yaml otherwise). dvc.yaml keeps its `python -m stages.<stage> ...` commands: a stage calls `relaunch` first
-thing (with its module name), so `dvc repro` on a 4-GPU box with `compute.processes: 4` uses all four without editing dvc.yaml.
+cpu-gloo.yaml otherwise; fsdp.yaml for `distill@*` with `compute.sharding: fsdp`, kd/sharding.py). dvc.yaml keeps
+its `python -m stages.<stage> ...` commands: a stage calls `relaunch` first thing (with its module name), so
+`dvc repro` on a 4-GPU box with `compute.processes: 4` uses all four without editing dvc.yaml.
 
 Inside the launched processes `world()` gives (rank, world size) from torchrun's environment and `init()` joins the
 process group (NCCL on CUDA, gloo on the CPU). Work is split by `mine`: item k goes to rank k mod N, in the stage's
@@ -15,7 +16,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = {"cuda": ROOT / "accelerate/multi-gpu.yaml", "cpu": ROOT / "accelerate/cpu-gloo.yaml"}
+CONFIGS = {"cuda": ROOT / "accelerate/multi-gpu.yaml", "cpu": ROOT / "accelerate/cpu-gloo.yaml",
+           "fsdp": ROOT / "accelerate/fsdp.yaml"}  # fsdp: CUDA (NCCL) or CPU (gloo), as init() picks
 LAUNCHED = "KD_LAUNCHED"  # set in the launched processes: a stage never re-launches itself twice
 
 
@@ -35,23 +37,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_argv(processes: int, module: str, args: list[str], cuda: bool | None = None) -> list[str]:
-    """The `accelerate launch` command that runs `python -m module args` in `processes` processes."""
+def launch_argv(processes: int, module: str, args: list[str], cuda: bool | None = None,
+                sharding: str = "ddp") -> list[str]:
+    """The `accelerate launch` command that runs `python -m module args` in `processes` processes
+    (`sharding`: compute.sharding, for distill@*)."""
     if cuda is None:
         import torch
 
         cuda = torch.cuda.is_available()
-    config = CONFIGS["cuda" if cuda else "cpu"]
+    config = CONFIGS["fsdp" if sharding == "fsdp" else "cuda" if cuda else "cpu"]
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
             "--num_processes", str(processes), "--main_process_port", str(_free_port()), "--module", module, *args]
 
 
-def relaunch(processes: int, module: str, args: list[str]) -> None:
+def relaunch(processes: int, module: str, args: list[str], sharding: str = "ddp") -> None:
     """At the start of a stage: with compute.processes > 1, replace this process by `accelerate launch` of the same
     stage (returns only in the launched processes, or when processes is 1)."""
     if processes <= 1 or os.environ.get(LAUNCHED):
         return
-    argv = launch_argv(processes, module, args)
+    argv = launch_argv(processes, module, args, sharding=sharding)
     print(f"compute.processes={processes}: {' '.join(argv[1:])}", file=sys.stderr, flush=True)
     os.environ[LAUNCHED] = "1"
     sys.stdout.flush()

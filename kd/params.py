@@ -22,6 +22,7 @@ LOSSES = ["reverse_kl", "forward_kl", "jsd"]
 HARD_TARGETS = ["teacher", "gold"]
 RESPONSE_FILTERS = ["all", "finished", "correct"]  # which teacher responses distill trains on (kd.distill)
 TUNE_OBJECTIVES = ["accuracy", "nll"]  # kd tune: validation strict accuracy (lm-eval) | validation gold NLL
+SHARDINGS = ["ddp", "fsdp"]  # compute.sharding: how distill@* spreads the student over processes (kd/sharding.py)
 QUANTIZATIONS = ["bnb-4bit", "bnb-8bit"]  # load-time bitsandbytes quantization (teacher; student: kd/qlora.py)
 SOURCE_RE = re.compile(r"^(hub:\S+|jsonl:\S+|pypi:[A-Za-z0-9_.\-]+(==\S+)?)$")
 
@@ -224,6 +225,7 @@ class Report(Section):
 class Compute(Section):
     portable: F(bool, _bool)  # kd/portable.py
     processes: F(int, _int(1, 4096))  # kd/launch.py
+    sharding: F(str, _choice(SHARDINGS))  # kd/sharding.py
 
 
 class Pruner(Section):
@@ -337,6 +339,11 @@ def config(data: Any, root: str | Path = ".") -> Params:
                                  f"{m.dtype} (bf16 matmul kernels round differently on different CPUs; "
                                  "docs/reproducibility.md)", "false, or true with float32 teacher and student dtypes")
     check_qlora(c.model_dump())
+    if c.compute.sharding == "fsdp" and (c.student.quantization or c.distill.optimizer != "sgd"):
+        raise ParamError("compute.sharding", f"is fsdp, which kd/sharding.py runs with a full-precision student and "
+                         f"sgd, not student.quantization {c.student.quantization} / distill.optimizer "
+                         f"{c.distill.optimizer}",
+                         "ddp, or fsdp with student.quantization null and distill.optimizer sgd")
     if c.tune.strategy not in c.prompting.strategies:
         raise ParamError("tune.strategy", f"is {c.tune.strategy!r}, not one of prompting.strategies",
                          ", ".join(c.prompting.strategies))

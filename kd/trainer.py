@@ -14,6 +14,7 @@ from typing import Callable
 from kd.distill import Checkpoint, Example, summarise, train
 from kd.errors import KdError
 from kd.io import atomic_path, sha256_file, write_json
+from kd.sharding import trainable_state
 
 
 def fingerprint(*parts) -> str:
@@ -40,13 +41,14 @@ def lora_student(model_dir: str | Path, dtype: str, trust_remote_code: bool, lor
                                             target_modules=lora["target_modules"], task_type="CAUSAL_LM"))
 
 
-def save_adapter(model, out_dir: str | Path) -> None:
-    """Atomic, byte-stable: peft keeps target_modules as a set, whose saved order follows PYTHONHASHSEED."""
+def save_adapter(model, out_dir: str | Path, state: dict | None = None) -> None:
+    """Atomic, byte-stable: peft keeps target_modules as a set, whose saved order follows PYTHONHASHSEED.
+    `state`: the full LoRA weights of a sharded student (kd.sharding.trainable_state), saved in the same format."""
     for c in model.peft_config.values():
         if isinstance(c.target_modules, (set, frozenset)):
             c.target_modules = sorted(c.target_modules)
     with atomic_path(out_dir) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        model.save_pretrained(str(tmp), safe_serialization=True, **({"state_dict": state} if state else {}))
 
 
 def run_training(name: str, model, examples: list[Example],
@@ -70,6 +72,7 @@ def run_training(name: str, model, examples: list[Example],
         train(model, examples, teacher_for, cfg, alpha, temperature, seed,
               Checkpoint(work_dir / "checkpoint.safetensors", run_fingerprint), cfg["checkpoint_every"],
               width=width, shard=shard)
+        trainable_state(model)  # compute.sharding fsdp: its part of gathering the adapter
         return None
     total = cfg["epochs"] * len(examples)
     with atomic_path(curves_dir) as live_tmp:
@@ -85,7 +88,7 @@ def run_training(name: str, model, examples: list[Example],
             history = train(model, examples, teacher_for, cfg, alpha, temperature, seed,
                             Checkpoint(work_dir / "checkpoint.safetensors", run_fingerprint),
                             cfg["checkpoint_every"], on_step, width=width, shard=shard)
-        save_adapter(model, adapter_dir)
+        save_adapter(model, adapter_dir, trainable_state(model))
     summary = {**summarise(history, len(examples), cfg["epochs"]),
                "response_tokens": sum(e.response_len for e in examples),
                "trainable_params": sum(q.numel() for q in model.parameters() if q.requires_grad), **(extra or {})}

@@ -4,7 +4,7 @@ import kd.portable; kd.portable.apply()  # noqa: E702 - compute.portable: ISA ca
 
 import click
 
-from kd import launch
+from kd import launch, sharding
 from kd.cli_util import run_stage
 from kd.environment import record_environment
 from kd.io import sha256_file
@@ -22,8 +22,11 @@ def main(strategy):
     p = load_params()
     stage_arg("strategy", strategy, p["prompting"]["strategies"], "prompting.strategies")  # before any path use
     cfg, s = p["distill"], p["student"]
-    # compute.processes > 1: accelerate launch, at most one process per example of an optimizer step
-    launch.relaunch(min(p["compute"]["processes"], cfg["batch_size"]), __spec__.name, [strategy])
+    # compute.processes > 1: accelerate launch; ddp: at most one process per example of an optimizer step, fsdp: all
+    # of them (they hold the student's shards), kd/sharding.py
+    fsdp = p["compute"]["sharding"] == "fsdp"
+    launch.relaunch(p["compute"]["processes"] if fsdp else min(p["compute"]["processes"], cfg["batch_size"]),
+                    __spec__.name, [strategy], sharding=p["compute"]["sharding"])
     rank, procs = launch.init()
     # every artefact check runs before the student loads
     inputs = load_kd_inputs(".", strategy, s["trust_remote_code"])
@@ -34,8 +37,11 @@ def main(strategy):
     check_context(p, ".", {"student": inputs.tokenizer}, uses=("distill",))  # before the weights load
     kept, examples, skipped = inputs.examples(cfg["response_filter"], p["prompting"]["instruction"],
                                               cfg["max_length"], cfg["hard_target"])
+    fsdp = fsdp and procs > 1
     model = lora_student("models/student", s["dtype"], s["trust_remote_code"], cfg["lora"], p["seed"],
-                         quantization=s["quantization"], device=launch.device())
+                         quantization=s["quantization"], device=None if fsdp else launch.device())
+    if fsdp:  # loaded on the CPU, each block moved to this process's device as it is sharded
+        sharding.shard(model, procs)
     done = run_training(f"distill@{strategy}", model, examples, inputs.teacher_for, cfg,
                  p["alpha"], p["temperature"], p["seed"], run_fp, adapter_dir=f"models/kd-{strategy}",
                  curves_dir=f"reports/distill/{strategy}", metrics_path=f"results/distill/{strategy}.json",
