@@ -7,8 +7,9 @@ Speed (issue 9, `kd bench` item 3): the vocabulary-wide math runs in float32, wi
 vocabulary accumulated in float64 (a plain float32 sum over 151,936 terms drifts by ~1e-6 nats). It runs over
 chunks of positions, and when the output layer is frozen (LoRA) each chunk's gradient with respect to the hidden
 states is computed right in the forward pass (`_FusedHeadLoss`, the "fused linear cross-entropy" scheme), so a
-151,936-wide chunk is never kept nor recomputed for backward. On the 0.5B student this made a distill step 2x
-faster than float64 under activation checkpointing."""
+151,936-wide chunk is never kept nor recomputed for backward. On the 0.5B student (2-core Zen 4, one thread, a
+384-token sequence with 160 response tokens) a distill step went from 15.6 s (float64, checkpointed) to 8.4 s.
+A trained output layer keeps the checkpointed path."""
 
 from __future__ import annotations
 
