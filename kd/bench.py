@@ -253,7 +253,7 @@ def _exponent(seconds: list[float]) -> float:
     return math.log(seconds[1] / seconds[0]) / math.log(4)
 
 
-def _growth(run: dict) -> int:
+def _added_kib(run: dict) -> int:
     """KiB the steps added above the RSS they started at (weights, optimizer state already loaded)."""
     return max(run["peak_rss_kib"] - run["rss_at_start_kib"], 1)
 
@@ -267,7 +267,7 @@ def bench_training(student_dir, teacher_dir, dtype: str, *, seq: int, resp: int,
     return {"sequence_tokens": seq, "response_tokens": resp, "steps": steps, "runs": out,
             "3_distill_vs_sft_speed": out["distill_offline"]["tokens_per_s"] / out["sft"]["tokens_per_s"],
             "3_distill_vs_sft_peak_rss": out["distill_offline"]["peak_rss_kib"] / out["sft"]["peak_rss_kib"],
-            "3_distill_vs_sft_step_memory": _growth(out["distill_offline"]) / _growth(out["sft"]),
+            "3_distill_vs_sft_step_memory": _added_kib(out["distill_offline"]) / _added_kib(out["sft"]),
             "4_offline_vs_online_speedup": out["distill_offline"]["tokens_per_s"]
             / out["distill_online"]["tokens_per_s"]}
 

@@ -87,20 +87,14 @@ def prepacked_linears(model: nn.Module, rows: int):
 def decoding_kernels(model: nn.Module, rows: int):
     """The kernels above for the duration of a decoding run, on the CPU only."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    device = next(model.parameters()).device
     before = base.config._attn_implementation
-    switch = device.type == "cpu" and before in ("sdpa", "eager")
+    switch = next(model.parameters()).device.type == "cpu" and before in ("sdpa", "eager")
     if switch:
         _register()
         base.set_attn_implementation(GQA)
     try:
-        with prepacked_linears(model, rows) if device.type == "cpu" else _nothing():
+        with prepacked_linears(model, rows):  # packs CPU weights only
             yield
     finally:
         if switch:
             base.set_attn_implementation(before)
-
-
-@contextmanager
-def _nothing():
-    yield

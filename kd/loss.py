@@ -84,10 +84,10 @@ def response_losses(hidden: torch.Tensor, output_layer: torch.nn.Module, targets
     n = targets.shape[0]
     ce_sum = hidden.new_zeros((), dtype=torch.float64)
     kd_sum = hidden.new_zeros((), dtype=torch.float64)
+    frozen_head = not any(p.requires_grad for p in output_layer.parameters())
     for a in range(0, n, chunk):
         b = min(a + chunk, n)
         t = teacher_logits(a, b).to(hidden.device) if teacher_logits is not None else None
-        frozen_head = not any(p.requires_grad for p in output_layer.parameters())
         if torch.is_grad_enabled() and hidden.requires_grad and frozen_head:
             ce, kd = _FusedHeadLoss.apply(hidden[a:b], output_layer, targets[a:b], t, temperature, kind, width)
         elif torch.is_grad_enabled() and hidden.requires_grad:  # a trained output layer: recompute in backward

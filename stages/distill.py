@@ -37,10 +37,10 @@ def main(strategy):
     check_context(p, ".", {"student": inputs.tokenizer}, uses=("distill",))  # before the weights load
     kept, examples, skipped = inputs.examples(cfg["response_filter"], p["prompting"]["instruction"],
                                               cfg["max_length"], cfg["hard_target"])
-    fsdp = fsdp and procs > 1
+    sharded = fsdp and procs > 1  # one process has nothing to shard
     model = lora_student("models/student", s["dtype"], s["trust_remote_code"], cfg["lora"], p["seed"],
-                         quantization=s["quantization"], device=None if fsdp else launch.device())
-    if fsdp:  # loaded on the CPU, each block moved to this process's device as it is sharded
+                         quantization=s["quantization"], device=None if sharded else launch.device())
+    if sharded:  # loaded on the CPU, each block moved to this process's device as it is sharded
         sharding.shard(model, procs)
     done = run_training(f"distill@{strategy}", model, examples, inputs.teacher_for, cfg,
                  p["alpha"], p["temperature"], p["seed"], run_fp, adapter_dir=f"models/kd-{strategy}",
