@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import shutil
@@ -22,6 +23,12 @@ def load_stage(name: str, tag: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@functools.cache
+def cached_stage(name: str, tag: str):
+    """load_stage, once per (name, tag): a test module's own copy of a stage module, shared by its tests."""
+    return load_stage(name, tag)
 
 
 def in_process(root: Path, name: str, *args: str) -> None:

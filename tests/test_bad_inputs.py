@@ -32,7 +32,7 @@ from kd.params import validate
 from kd.dvc_project import make_copy, placeholder_outputs, read_lock, tool_env
 from kd.preflight import preflight
 from kd.profiles import load as load_profile
-from stage_runner import load_stage
+from stage_runner import cached_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = load_profile("tiny", ROOT)
@@ -70,13 +70,8 @@ def proj(project):
     assert digest(project) == before, "a failing case changed or removed an output"
 
 
-_stage_modules: dict[str, Any] = {}
-
-
 def stage_module(name: str):
-    if name not in _stage_modules:
-        _stage_modules[name] = load_stage(name, "under_test")
-    return _stage_modules[name]
+    return cached_stage(name, "under_test")
 
 
 def _trap(*a, **k):

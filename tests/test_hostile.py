@@ -33,7 +33,7 @@ from kd.dvc_project import make_copy, placeholder_outputs, read_lock, tool_env
 from kd.preflight import preflight
 from kd.repro import repro_lock
 from kd.profiles import load as load_profile, names as profile_names
-from stage_runner import load_stage
+from stage_runner import cached_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = load_profile("tiny", ROOT)
@@ -124,13 +124,8 @@ def set_strategy(root: Path, name: Any, template: str) -> None:
     (root / "strategies.yaml").write_text(yaml.safe_dump(s, sort_keys=False))
 
 
-_modules: dict[str, Any] = {}
-
-
 def stage_module(name: str):
-    if name not in _modules:
-        _modules[name] = load_stage(name, "hostile")
-    return _modules[name]
+    return cached_stage(name, "hostile")
 
 
 def _trap(*a, **k):
