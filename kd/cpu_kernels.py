@@ -1,49 +1,67 @@
-"""Faster kernels for batched greedy decoding on the CPU, switched on only while `kd.decode` decodes.
+"""Kernels for batched greedy decoding on the CPU, switched on only while `kd.decode` decodes: faster, and
+batch-invariant (a row's bits do not depend on which other rows share its batch, how many there are, or where it
+sits in the batch).
 
-Profiled on this project's 2-core Zen 4 machine (torch 2.13, bf16, the 0.5B student, batch 24, one decode step):
-a third of the step was `scaled_dot_product_attention` (its CPU flash kernel spends ~6 ms a layer on a single query
-row), and the bf16 matmuls of a 24-row batch ran at ~130 GFLOP/s against ~180 for a long prefill, because oneDNN
-re-packs every weight matrix into its blocked layout on each call. Two changes fix that:
+Why: in bf16 a padded, batched forward rounded a row's last bits differently with different company, and a
+near-tied greedy argmax then flipped, so a question's answer depended on its batch and on `eval.limit`. Every
+op of a decode step is per row except three, each made invariant here (with kd/decode.py prefilling each prompt
+on its own, so a prefill's shapes are the prompt's own):
 
-- `prepacked_linears`: every bf16 `nn.Linear` (peft's LoRA base layers and the output head included) uses a weight
-  packed once by oneDNN (`torch.ops.mkldnn._reorder_linear_weight` / `_linear_pointwise`, what inductor's freezing
-  pass uses on the CPU). Same kernel, same blocking of the sum: the logits are bit-identical to `F.linear`
-  (tests/test_cpu_kernels.py); measured 130 -> 209 GFLOP/s at 24 rows.
-- `grouped_query_attention`, registered as attention implementation "kd_gqa": the eager attention, but each
-  key/value head serves its group of query heads as one matrix (no `repeat_kv` copy, 7x fewer, larger matmuls),
-  in float32 (what SDPA accumulates in) and cast back. Prefills (several query rows) still go to SDPA.
+- Linear layers (`row_invariant_linears`): a matmul's per-row result may depend on how many rows it has (MKL's
+  float32 matmul takes another path at 1 row than at 2, and another again past a few; a bf16 weight that oneDNN
+  packed for 24 rows gives another last bit at 40), never, measured, on the other rows' values or the row's
+  position. A bf16 weight packed by oneDNN for one row gives the same bits at every row count measured (1 to
+  100, on every shape of the 0.5B student; tests/test_cpu_kernels.py checks the model's own shapes), and packing
+  once (`torch.ops.mkldnn._reorder_linear_weight` / `_linear_pointwise`, what inductor's freezing uses) also saves
+  oneDNN's re-packing of every weight on every call (profiled: a third of a 24-row step). peft's float32 LoRA
+  layers are small: each row is one multiply-and-sum. Large float32 weights (compute.portable) stay on MKL and are
+  *not* batch-invariant.
+- Attention (`grouped_query_attention`, registered as "kd_gqa"): a decode step attends over a left-padded cache
+  whose width depends on the other rows. Here each row attends over exactly its own keys (its mask's valid
+  columns, a contiguous suffix), in float32 (what SDPA accumulates in), each key/value head serving its group of
+  query heads as one matrix (no `repeat_kv` copy). Prefills (one prompt, no padding) go to SDPA.
 
-Both are undone when decoding ends (training and the teacher-signal forward never see them). Off the CPU, for
-other dtypes, or where the oneDNN ops are missing, the model is left as it is."""
+Both are undone when decoding ends (training and the teacher-signal forward never see them). Off the CPU the model
+is left as it is (and batched decoding there is not batch-invariant).
+
+`kd bench` item 7 measures, on the real pair, the tokens at batch 1 against the stage's batch and the cost against
+the previous decoder."""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 GQA = "kd_gqa"
+SMALL = 64  # a weight with a side this small (LoRA A/B) is computed row by row (row_invariant_linears)
 
 
 def grouped_query_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     """query [B, H, Q, D], key/value [B, KVH, L, D], attention_mask additive [B, 1, Q, L] (or None);
-    returns ([B, Q, H, D], None) like transformers' eager attention. A prefill (Q > 1) goes to SDPA, which is
-    efficient there."""
+    returns ([B, Q, H, D], None) like transformers' eager attention. A prefill (Q > 1) goes to SDPA."""
     b, h, q, d = query.shape
     if q > 1:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    kvh = key.shape[1]
+    kvh, width = key.shape[1], key.shape[-2]
     g = h // kvh  # query head i uses key/value head i // g (repeat_kv's order)
-    qg = query.reshape(b, kvh, g * q, d).float()
-    scores = torch.matmul(qg, key.float().transpose(2, 3)) * scaling  # [B, KVH, G*Q, L]
-    if attention_mask is not None:
-        mask = attention_mask[:, :, :, : key.shape[-2]].float()  # [B, 1, Q, L]
-        scores = (scores.view(b, kvh, g, q, -1) + mask[:, :, None]).view(b, kvh, g * q, -1)
-    out = torch.matmul(scores.softmax(dim=-1), value.float())  # [B, KVH, G*Q, D]
+    if attention_mask is None:
+        valid = [width] * b
+    else:
+        allowed = attention_mask[:, 0, 0, :width] == 0  # additive mask: 0 where a key is attended
+        valid = allowed.sum(-1).tolist()
+        if any(not bool(allowed[r, width - n:].all()) for r, n in enumerate(valid)):
+            raise RuntimeError("kd_gqa: a row's attended keys are not a contiguous suffix of the cache")
+    out = query.new_empty((b, kvh, g * q, d), dtype=torch.float32)
+    for r, n in enumerate(valid):  # each row over its own keys: shapes that depend on the row alone
+        qg = query[r].reshape(kvh, g * q, d).float()
+        k, v = key[r, :, width - n:].float(), value[r, :, width - n:].float()
+        out[r] = torch.matmul((torch.matmul(qg, k.transpose(1, 2)) * scaling).softmax(dim=-1), v)
     return out.view(b, h, q, d).transpose(1, 2).contiguous().to(query.dtype), None
 
 
@@ -59,23 +77,39 @@ def _packable() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
+def _rowwise(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ w.T as one multiply and a sum over the last dim per (row, output): the same bits whatever the row count
+    (a small weight only: it materialises rows x out x in)."""
+    y = (x[..., None, :] * w).sum(-1)
+    return y if bias is None else y + bias
+
+
 @contextmanager
-def prepacked_linears(model: nn.Module, rows: int):
-    """Every bf16 CPU nn.Linear of `model` runs on a weight packed once (for about `rows` input rows)."""
+def row_invariant_linears(model: nn.Module):
+    """Every CPU nn.Linear of `model` whose per-row result can be made independent of the row count, cheaply:
+    a bf16 weight is packed once by oneDNN for one row and called at any row count (measured: the same bits for
+    every row count up to 100, tests/test_cpu_kernels.py); a small weight (a LoRA A or B: a side of at most SMALL)
+    computes its rows one multiply-and-sum each. Other weights (large float32 ones) are left to MKL, whose per-row
+    result depends on the row count."""
     patched = []
-    if _packable():
-        with torch.no_grad():
-            for mod in model.modules():
-                w = getattr(mod, "weight", None)
-                if type(mod) is not nn.Linear or w is None or w.dtype != torch.bfloat16 or w.device.type != "cpu":
-                    continue
-                packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), rows)
+    packable = _packable()
+    with torch.no_grad():
+        for mod in model.modules():
+            w = getattr(mod, "weight", None)
+            if type(mod) is not nn.Linear or w is None or w.device.type != "cpu" or not w.is_floating_point():
+                continue
+            if packable and w.dtype == torch.bfloat16:
+                packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
 
                 def forward(x, packed=packed, bias=mod.bias):
                     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-
-                mod.forward = forward  # an instance attribute: deleting it restores nn.Linear.forward
-                patched.append(mod)
+            elif min(w.shape) <= SMALL:
+                def forward(x, w=w, bias=mod.bias):
+                    return _rowwise(x, w, bias) if x.dim() == 3 and x.shape[1] == 1 else F.linear(x, w, bias)
+            else:
+                continue
+            mod.forward = forward  # an instance attribute: deleting it restores nn.Linear.forward
+            patched.append(mod)
     try:
         yield
     finally:
@@ -84,7 +118,7 @@ def prepacked_linears(model: nn.Module, rows: int):
 
 
 @contextmanager
-def decoding_kernels(model: nn.Module, rows: int):
+def decoding_kernels(model: nn.Module):
     """The kernels above for the duration of a decoding run, on the CPU only."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     before = base.config._attn_implementation
@@ -93,7 +127,7 @@ def decoding_kernels(model: nn.Module, rows: int):
         _register()
         base.set_attn_implementation(GQA)
     try:
-        with prepacked_linears(model, rows):  # packs CPU weights only
+        with row_invariant_linears(model):  # CPU weights only
             yield
     finally:
         if switch:

@@ -142,25 +142,22 @@ def greedy_decode(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: in
                     logits_to_keep=1)
         return res.logits[:, -1, :].float().argmax(dim=-1).tolist(), res.past_key_values
 
-    with decoding_kernels(model, batch_size):  # prepacked weights, grouped attention (kd/cpu_kernels.py)
+    with decoding_kernels(model):  # batch-invariant kernels on the CPU (kd/cpu_kernels.py)
         while waiting or run.rows:
             free = batch_size - len(run.rows)
             if waiting and free:
-                new = _Batch()
-                new.rows = [waiting.popleft() for _ in range(min(free, len(waiting)))]
-                width = len(prompts[new.rows[0]])  # longest first: the first is the widest
-                ids = torch.full((len(new.rows), width), pad_id, dtype=torch.long)
-                new.mask = torch.zeros((len(new.rows), width), dtype=torch.long)
-                for r, i in enumerate(new.rows):
-                    n = len(prompts[i])
-                    ids[r, width - n:] = torch.tensor(list(prompts[i]), dtype=torch.long)
-                    new.mask[r, width - n:] = 1
-                ids, new.mask = ids.to(device), new.mask.to(device)
-                pos = (new.mask.cumsum(-1) - 1).clamp(min=0)
-                first, new.cache = forward(ids, new.mask, pos, DynamicCache(config=config))
-                new.pos = new.mask.sum(-1)
-                new.gen = [[t] for t in first]
-                run.join(new, config)
+                for _ in range(min(free, len(waiting))):
+                    # each prompt is prefilled on its own: its shapes, and so its bits, are its own
+                    new = _Batch()
+                    new.rows = [waiting.popleft()]
+                    n = len(prompts[new.rows[0]])
+                    ids = torch.tensor([list(prompts[new.rows[0]])], dtype=torch.long, device=device)
+                    new.mask = torch.ones((1, n), dtype=torch.long, device=device)
+                    pos = torch.arange(n, device=device)[None]
+                    first, new.cache = forward(ids, new.mask, pos, DynamicCache(config=config))
+                    new.pos = torch.tensor([n], dtype=torch.long, device=device)
+                    new.gen = [[t] for t in first]
+                    run.join(new, config)
             else:
                 ids = torch.tensor([[g[-1]] for g in run.gen], dtype=torch.long, device=device)
                 run.mask = F.pad(run.mask, (0, 1), value=1)

@@ -4,8 +4,13 @@ Each example is the student's own prompt (plain question, chat template) followe
 token ids. Student position len(prompt)+j-1 predicts response token j; the teacher signal row j is the
 teacher's prediction of that same token (from its own, primed, prompt). So the two distributions are compared
 at the same response tokens whatever the prefix length, labels are next tokens, and prompt positions carry no
-loss. The loop is plain PyTorch (SGD + cosine, effective batch 1, as the paper) so it is deterministic on CPU and
-resumable from a checkpoint to the same bits."""
+loss. The loop is plain PyTorch (the paper's SGD + cosine at effective batch 1, or AdamW) so it is deterministic on
+CPU and resumable from a checkpoint to the same bits.
+
+Dropout is seeded per forward pass from (seed, epoch, example id, pass): pass 0 is the teacher-response pass (the KD
+term), pass 1 the gold-solution pass (the CE term under `hard_target: gold`). The fine-tune control runs the same
+examples in the same order with no teacher: it skips pass 0 and its pass 1 draws exactly the KD arm's dropout masks,
+so with the same CE weight (alpha) its gradient is the KD arm's minus the teacher term (tests/test_distill.py)."""
 
 from __future__ import annotations
 
@@ -82,8 +87,9 @@ def select_responses(responses: list[dict], rule: str) -> list[dict]:
 
 def build_gold_examples(questions: list[dict], tokenizer, instruction: str,
                         max_length: int) -> tuple[list[Example], list[int]]:
-    """The fine-tune control's examples: the student's prompt followed by GSM8K's gold solution and eos, for every
-    transfer question, in integer-id order (no teacher involved)."""
+    """Examples of GSM8K's gold solutions alone (no teacher involved): the student's prompt followed by the gold
+    solution and eos, for every question, in integer-id order. `gold_ids` holds the same sequence (the CE pass of
+    `hard_target: gold` reads it): the fine-tune control trains on these, validation gold NLL scores them."""
     examples, skipped = [], []
     for q in sorted(questions, key=lambda q: q["id"]):
         prompt = chat_ids(tokenizer, render_question(q["question"], instruction))
@@ -93,8 +99,27 @@ def build_gold_examples(questions: list[dict], tokenizer, instruction: str,
             skipped.append(q["id"])
             continue
         target = target[:room]
-        examples.append(Example(q["id"], prompt + target, len(prompt), len(target)))
+        examples.append(Example(q["id"], prompt + target, len(prompt), len(target), prompt + target))
     return examples, skipped
+
+
+def gold_nll(model, tokenizer, rows: list[dict], instruction: str, max_length: int) -> list[float]:
+    """Per question: the student's mean negative log-likelihood per token of the gold solution (+ eos), after the
+    student's own prompt (float64 log-softmax; eval mode, so no dropout and no random draw)."""
+    import torch.nn.functional as F
+
+    examples, _ = build_gold_examples(rows, tokenizer, instruction, max_length)
+    out = []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for e in examples:
+            ids = torch.tensor([e.input_ids], device=model.device)
+            logits = model(input_ids=ids).logits[0, e.prompt_len - 1:-1].double()
+            out.append(float(F.cross_entropy(logits, ids[0, e.prompt_len:])))
+    if was_training:
+        model.train()
+    return out
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -116,18 +141,35 @@ def _shifted_hidden(model, ids: list[int], start: int, count: int) -> torch.Tens
     return out.hidden_states[-1][0, start - 1:start - 1 + count]
 
 
-def example_loss(model, ex: Example, teacher_logits: Callable[[int, int], torch.Tensor], alpha: float,
+def pass_seed(seed: int, epoch: int, example_id: int) -> int:
+    """The dropout seed of an example's first forward pass in an epoch (its second pass uses this + 1)."""
+    return ((seed * 1000 + epoch) * 1_000_003 + example_id) * 2
+
+
+def example_loss(model, ex: Example, teacher_logits: Callable[[int, int], torch.Tensor] | None, alpha: float,
                  temperature: float, kind: str, hard_target: str, chunk: int,
-                 width: int | None = None) -> dict[str, torch.Tensor]:
+                 width: int | None = None, dropout_seed: int | None = None) -> dict[str, torch.Tensor]:
+    """alpha * CE + (1 - alpha) * T^2 * KD for one example. With `teacher_logits` None (the fine-tune control) there
+    is no KD term and, under `hard_target: gold`, no teacher-response pass: the gold pass alone, with the KD arm's
+    dropout seed for it. `dropout_seed`: pass k seeds torch's generator with dropout_seed + k (None: unseeded)."""
     head = model.get_output_embeddings()
-    h = _shifted_hidden(model, ex.input_ids, ex.prompt_len, ex.response_len)
-    targets = torch.tensor(ex.input_ids[ex.prompt_len:], device=h.device)
-    ce, kd = response_losses(h, head, targets, teacher_logits, temperature, kind, chunk, width)
+    zero = torch.zeros((), dtype=torch.float32)
+    ce = kd = zero
+    if teacher_logits is not None or hard_target != "gold":
+        if dropout_seed is not None:
+            torch.manual_seed(dropout_seed)
+        h = _shifted_hidden(model, ex.input_ids, ex.prompt_len, ex.response_len)
+        targets = torch.tensor(ex.input_ids[ex.prompt_len:], device=h.device)
+        ce, kd = response_losses(h, head, targets, teacher_logits, temperature, kind, chunk, width)
     if hard_target == "gold":
+        if dropout_seed is not None:
+            torch.manual_seed(dropout_seed + 1)
         n = len(ex.gold_ids) - ex.prompt_len
         hg = _shifted_hidden(model, ex.gold_ids, ex.prompt_len, n)
-        ce, _ = response_losses(hg, head, torch.tensor(ex.gold_ids[ex.prompt_len:], device=h.device), None,
+        ce, _ = response_losses(hg, head, torch.tensor(ex.gold_ids[ex.prompt_len:], device=hg.device), None,
                                 temperature, kind, chunk, width)
+    if not torch.is_tensor(kd) or kd.device != ce.device:
+        kd = torch.as_tensor(kd, dtype=ce.dtype, device=ce.device)
     return {"loss": combine(ce, kd, alpha, temperature), "ce": ce, "kd": kd}
 
 
@@ -196,9 +238,9 @@ def train(model, examples: list[Example], teacher_for: Callable[[int], Callable[
     Each optimizer step takes the next `distill.batch_size` examples (B) of the epoch's seeded order; their losses
     are averaged (gradient accumulation). shard=(rank, N) under compute.processes (kd/launch.py): process r takes
     examples r, r+N, ... of each step's B and the gradients are summed over processes (all-reduce, as DDP does), so
-    which examples are trained on, in which step and order, never depends on N. With B > 1 each example's dropout
-    is seeded from (seed, epoch, id), so it does not depend on which process ran it either; B = 1 keeps the global
-    generator (the paper's effective batch 1, unchanged bits)."""
+    which examples are trained on, in which step and order, never depends on N. Each forward pass's dropout is
+    seeded from (seed, epoch, id, pass) (`pass_seed`), so it depends neither on which process ran it nor on whether
+    the run has a teacher (the fine-tune control draws the KD arm's masks for its gold pass)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg)
     batch = cfg.get("batch_size", 1)
@@ -231,13 +273,11 @@ def train(model, examples: list[Example], teacher_for: Callable[[int], Callable[
                 ex = mine[n] if real else group[0]
                 if sharded:
                     model.set_requires_gradient_sync(n == passes - 1)  # reduce-scatter once, after the last pass
-                if batch > 1:
-                    torch.manual_seed((seed * 1000 + epoch) * 1_000_003 + ex.id)
                 losses = example_loss(model, ex, teacher_for(ex.id), alpha, temperature, cfg["loss"],
-                                      cfg["hard_target"], cfg["kd_chunk"], width)
+                                      cfg["hard_target"], cfg["kd_chunk"], width, pass_seed(seed, epoch, ex.id))
                 if not torch.isfinite(losses["loss"]):
                     raise KdError(f"distill: non-finite loss at step {step} (example id {ex.id}); lower distill.lr")
-                loss = losses["loss"] / len(group) if batch > 1 else losses["loss"]
+                loss = losses["loss"] / len(group)
                 (loss if real else loss * 0).backward()
                 if real:
                     sums += torch.tensor([float(losses[k].detach()) for k in ("loss", "ce", "kd")], dtype=torch.float64)

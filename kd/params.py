@@ -207,8 +207,9 @@ class Distill(Section):
     max_length: F(int, _int(16, 10**6))
     kd_chunk: F(int, _int(1, 10**6))
     checkpoint_every: F(int, _int(1, 10**9))
-    optimizer: F(str, _choice(OPTIMIZERS))  # kd/qlora.py: sgd (the paper's) or bitsandbytes' 8-bit AdamW
+    optimizer: F(str, _choice(OPTIMIZERS))  # kd/qlora.py: sgd (the paper's), torch's AdamW, bitsandbytes' 8-bit AdamW
     batch_size: F(int, _int(1, 4096))  # examples per optimizer step, shared over compute.processes
+    val_every: F(int, _int(0, 10**9))  # steps between validation gold NLLs (0: before and after training only)
     lora: Lora
 
 
@@ -340,6 +341,7 @@ def config(data: Any, root: str | Path = ".") -> Params:
                                  "docs/reproducibility.md)", "false, or true with float32 teacher and student dtypes")
     check_qlora(c.model_dump())
     if c.compute.sharding == "fsdp" and (c.student.quantization or c.distill.optimizer != "sgd"):
+        # sgd only: the one optimiser tests/test_fsdp.py runs sharded (AdamW over DTensors is untested here)
         raise ParamError("compute.sharding", f"is fsdp, which kd/sharding.py runs with a full-precision student and "
                          f"sgd, not student.quantization {c.student.quantization} / distill.optimizer "
                          f"{c.distill.optimizer}",

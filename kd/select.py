@@ -125,29 +125,10 @@ def select_instruction(p: dict, root: Path, strategies: list[str] | None = None,
     return sel | {"best": INSTRUCTIONS[best]}
 
 
-def gold_nll(model, tokenizer, rows: list[dict], instruction: str, max_length: int) -> list[float]:
-    """Per question: the student's mean negative log-likelihood per token of the gold solution (+ eos), after the
-    student's own prompt."""
-    import torch
-    import torch.nn.functional as F
-
-    from kd.distill import build_gold_examples
-
-    examples, _ = build_gold_examples(rows, tokenizer, instruction, max_length)
-    out = []
-    model.eval()
-    with torch.no_grad():
-        for e in examples:
-            ids = torch.tensor([e.input_ids], device=model.device)
-            logits = model(input_ids=ids).logits[0, e.prompt_len - 1:-1].double()
-            out.append(float(F.cross_entropy(logits, ids[0, e.prompt_len:])))
-    return out
-
-
 def select_targets(p: dict, root: Path, strategy: str, echo: Callable[[str], None] = print) -> dict:
     from scipy.stats import wilcoxon
 
-    from kd.distill import Checkpoint, train
+    from kd.distill import Checkpoint, gold_nll, train
     from kd.kd_inputs import load_kd_inputs
     from kd.seeding import seed_everything
     from kd.trainer import lora_student

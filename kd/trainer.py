@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -51,13 +52,58 @@ def save_adapter(model, out_dir: str | Path, state: dict | None = None) -> None:
         model.save_pretrained(str(tmp), safe_serialization=True, **({"state_dict": state} if state else {}))
 
 
+def control_config(distill: dict) -> dict:
+    """The fine-tune control's training settings, derived from the KD arms' (`distill.*`): every setting shared
+    (optimizer, lr, schedule, batch, LoRA, lengths, checkpoints, validation), CE on the gold solutions, no teacher.
+    Derived, not copied key by key, so a new `distill.*` key reaches the control without anyone listing it."""
+    return {**distill, "hard_target": "gold"}
+
+
+def validation(root: str | Path, tokenizer, instruction: str, max_length: int) -> Callable[[object], float] | None:
+    """run_training's `validate`: the mean gold NLL per token over data/prepared/validation.jsonl (None when the
+    split is empty: prepare.validation_size 0)."""
+    from kd.distill import gold_nll
+    from kd.io import read_jsonl
+
+    rows = read_jsonl(Path(root) / "data/prepared/validation.jsonl")
+    if not rows:
+        return None
+
+    def validate(model) -> float:
+        per_q = gold_nll(model, tokenizer, rows, instruction, max_length)
+        return sum(per_q) / len(per_q)
+    return validate
+
+
+def update_norm_ratio(model) -> float | None:
+    """||dW|| / ||W|| over every LoRA-adapted weight: dW = scaling * B @ A (float64), W the frozen base weight. How
+    far training moved the student (None for a sharded or quantized base, whose full weights are not at hand)."""
+    import torch
+
+    num = den = 0.0
+    for mod in model.modules():
+        if not (hasattr(mod, "lora_A") and hasattr(mod, "base_layer")):
+            continue
+        for key in mod.lora_A:
+            w = mod.base_layer.weight
+            if not torch.is_floating_point(w) or hasattr(w, "placements"):  # bitsandbytes-packed, or an FSDP shard
+                return None
+            a, b = mod.lora_A[key].weight.double(), mod.lora_B[key].weight.double()
+            num += float(((b @ a) * mod.scaling[key]).pow(2).sum())
+            den += float(w.double().pow(2).sum())
+    return (num / den) ** 0.5 if den else None
+
+
 def run_training(name: str, model, examples: list[Example],
                  teacher_for: Callable[[int], Callable[[int, int], object] | None], cfg: dict, alpha: float,
                  temperature: float, seed: int, run_fingerprint: str, *, adapter_dir: str | Path,
                  curves_dir: str | Path, metrics_path: str | Path, work_dir: str | Path,
-                 width: int | None = None, extra: dict | None = None, shard: tuple[int, int] = (0, 1)) -> dict | None:
+                 width: int | None = None, extra: dict | None = None, shard: tuple[int, int] = (0, 1),
+                 validate: Callable[[object], float] | None = None) -> dict | None:
     """Train `model` (a peft LoRA model) on `examples`; returns the metrics written to `metrics_path`.
 
+    `validate(model)`: the validation gold NLL per token, measured before training, every `cfg["val_every"]` steps
+    (0: never in between) and after; with ||dW||/||W|| it says how far training moved the student.
     The training curves go to a temp folder that replaces `curves_dir` only when training succeeded: a failed
     run leaves the previous curves in place."""
     from dvclive import Live
@@ -74,13 +120,23 @@ def run_training(name: str, model, examples: list[Example],
               width=width, shard=shard)
         trainable_state(model)  # compute.sharding fsdp: its part of gathering the adapter
         return None
-    total = cfg["epochs"] * len(examples)
+    total = cfg["epochs"] * math.ceil(len(examples) / cfg["batch_size"])
+    every = cfg.get("val_every", 0)
+    val_before = validate(model) if validate else None  # LoRA B is zero: this is the base student
     with atomic_path(curves_dir) as live_tmp:
         with Live(str(live_tmp), save_dvc_exp=False, dvcyaml=None) as live, \
                 tqdm(total=total, desc=name, unit="step") as bar:
+            if val_before is not None:
+                live.log_metric("val/gold_nll", val_before)  # step 0
+            live.next_step()
+
             def on_step(step, rec):
                 for key in ("loss", "ce", "kd", "lr"):
                     live.log_metric(f"train/{key}", rec[key])
+                if validate and "val_nll" not in rec and (step == total or (every and step % every == 0)):
+                    rec["val_nll"] = validate(model)  # kept in the history: a resumed run replays it
+                if rec.get("val_nll") is not None:
+                    live.log_metric("val/gold_nll", rec["val_nll"])
                 live.next_step()
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}")
@@ -91,7 +147,10 @@ def run_training(name: str, model, examples: list[Example],
         save_adapter(model, adapter_dir, trainable_state(model))
     summary = {**summarise(history, len(examples), cfg["epochs"]),
                "response_tokens": sum(e.response_len for e in examples),
-               "trainable_params": sum(q.numel() for q in model.parameters() if q.requires_grad), **(extra or {})}
+               "trainable_params": sum(q.numel() for q in model.parameters() if q.requires_grad),
+               "update_norm_ratio": update_norm_ratio(model),
+               "val_nll_before": val_before,
+               "val_nll_after": history[-1].get("val_nll") if history else None, **(extra or {})}
     write_json(metrics_path, summary)
     shutil.rmtree(work_dir, ignore_errors=True)
     print(f"{name}: {summary['steps']} steps over {len(examples)} examples ({summary['response_tokens']} target "

@@ -5,7 +5,7 @@ Honesty rules:
 - the objective is measured on data/prepared/validation.jsonl only; the eval split is never opened;
 - the objective never depends on the searched values' own definitions (the total loss changes meaning with alpha and
   T): it is either the validation error rate (1 - strict accuracy, scored by lm-eval as eval@* does) or the student's
-  validation negative log-likelihood per token of the gold solutions (kd.select.gold_nll: cheap). The study always
+  validation negative log-likelihood per token of the gold solutions (kd.distill.gold_nll: cheap). The study always
   minimises, so the intermediate values (gold NLL every `tune.report_every` training steps, what the median pruner
   compares) point the same way as the objective;
 - every trial trains exactly as distill@<strategy> does (same examples, teacher signal, seed, schedule): only the

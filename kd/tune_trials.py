@@ -67,7 +67,7 @@ class Trials:
         return {**d, "lr": values.get("lr", d["lr"]), "lora": {**d["lora"], "r": values.get("lora_r", d["lora"]["r"])}}
 
     def nll(self, model) -> float:
-        from kd.select import gold_nll
+        from kd.distill import gold_nll
 
         per_q = gold_nll(model, self.tok, self.val_rows, self.p["prompting"]["instruction"],
                          self.p["distill"]["max_length"])

@@ -13,7 +13,7 @@ from kd.names import stage_arg
 from kd.params import load_params
 from kd.prompting import check_context
 from kd.seeding import seed_everything
-from kd.trainer import fingerprint, lora_student, run_training, weights_digest
+from kd.trainer import fingerprint, lora_student, run_training, validation, weights_digest
 
 
 @click.command()
@@ -48,7 +48,9 @@ def main(strategy):
                  work_dir=f".kd-work/distill/{strategy}", width=inputs.vocab["kd_width"],
                  extra={"skipped": len(skipped), "filtered_out": len(inputs.responses) - len(kept),
                         "response_filter": cfg["response_filter"], "hard_target": cfg["hard_target"],
-                        "kd_width": inputs.vocab["kd_width"]}, shard=(rank, procs))
+                        "kd_width": inputs.vocab["kd_width"]}, shard=(rank, procs),
+                 validate=validation(".", inputs.tokenizer, p["prompting"]["instruction"], cfg["max_length"])
+                 if rank == 0 and not sharded else None)
     if done is not None:  # rank 0 wrote the adapter, curves and metrics
         record_environment(f"distill-{strategy}")  # environment/distill-<s>.json: the lineage beyond params + code
     launch.finish()

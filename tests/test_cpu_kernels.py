@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from kd.cpu_kernels import GQA, decoding_kernels, grouped_query_attention, prepacked_linears
+from kd.cpu_kernels import GQA, SMALL, decoding_kernels, grouped_query_attention, row_invariant_linears
 from kd.decode import greedy_decode
 
 
@@ -13,19 +13,48 @@ def _load(path, dtype):
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
 
 
-def test_prepacked_linears_are_bit_identical_and_undone(tiny_models):
+def test_row_invariant_linears_are_undone_and_close(tiny_models):
     model = _load(tiny_models / "teacher", torch.bfloat16)
     ids = torch.randint(0, 256, (5, 17), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         plain = model(input_ids=ids).logits
-        with prepacked_linears(model, 5):
+        with row_invariant_linears(model):
             patched = [m for m in model.modules() if "forward" in vars(m)]
             packed = model(input_ids=ids).logits
         after = model(input_ids=ids).logits
-    if torch.backends.mkldnn.is_available():
-        assert len(patched) == sum(isinstance(m, torch.nn.Linear) for m in model.modules())
-    assert torch.equal(plain, packed) and torch.equal(plain, after)
+    assert len(patched) == sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    torch.testing.assert_close(packed.float(), plain.float(), rtol=2 ** -6, atol=2 ** -6)
+    assert torch.equal(plain, after)
     assert not any("forward" in vars(m) for m in model.modules())
+
+
+def _shapes(path):
+    """(out, in) of every Linear of a model folder, from its config (the 0.5B student's when kd bench runs)."""
+    model = _load(path, torch.bfloat16)
+    return sorted({tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)})
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_rows_bits_do_not_depend_on_its_batch(tiny_models, dtype):
+    """What batch-invariant decoding rests on, for every Linear shape of both tiny models plus LoRA-sized and
+    0.5B-student-sized ones: under row_invariant_linears a row's output is the same bits whatever the row count
+    (1 to 40), the other rows' values and its position (bf16: oneDNN packed for one row; small float32: one
+    multiply-and-sum per row)."""
+    shapes = set(_shapes(tiny_models / "teacher")) | set(_shapes(tiny_models / "student"))
+    shapes |= {(4, 896), (896, 4), (896, 896), (4864, 896), (896, 4864)}
+    if dtype == torch.float32:
+        shapes = {s for s in shapes if min(s) <= SMALL}  # large float32 weights stay on MKL (not invariant)
+    g = torch.Generator().manual_seed(0)
+    for out_f, in_f in sorted(shapes):
+        lin = torch.nn.Linear(in_f, out_f, bias=True).to(dtype)
+        x = torch.randn(1, 1, in_f, generator=g).to(dtype)
+        with row_invariant_linears(lin), torch.no_grad():
+            ref = lin(x)[0, 0]
+            for rows in (2, 3, 8, 17, 24, 40):
+                batch = torch.randn(rows, 1, in_f, generator=g).to(dtype)
+                at = int(torch.randint(0, rows, (1,), generator=g))
+                batch[at] = x[0]
+                assert torch.equal(lin(batch)[at, 0], ref), (out_f, in_f, rows)
 
 
 @pytest.mark.parametrize("q", [1, 6])
@@ -54,12 +83,12 @@ def test_grouped_query_attention_matches_float64_reference(q):
 
 
 def test_decoding_kernels_switch_attention_back_and_keep_tokens(tiny_models):
-    """Decoding with the kernels gives the tokens of decoding without them (float32: no packing, the grouped
-    attention only), and the model's attention implementation is restored afterwards."""
+    """Decoding with the kernels gives the tokens of decoding without them (float32 tiny weights: the row-by-row
+    path, the grouped attention), and the model's attention implementation is restored afterwards."""
     model = _load(tiny_models / "student", torch.float32)
     before = model.config._attn_implementation
     prompts = [torch.randint(0, 256, (k,), generator=torch.Generator().manual_seed(k)).tolist() for k in (5, 19, 11)]
-    with decoding_kernels(model, 3):
+    with decoding_kernels(model):
         assert model.config._attn_implementation == GQA
     assert model.config._attn_implementation == before
     ours = greedy_decode(model, prompts, max_new_tokens=12, stop_ids=[], pad_id=0, batch_size=3)

@@ -125,3 +125,43 @@ def test_two_runs_byte_identical_bf16(tiny_models):
     runs = [json.dumps(greedy_decode(model, prompts, max_new_tokens=MAX_NEW, stop_ids=stops, pad_id=0,
                                      batch_size=4)) for _ in range(2)]
     assert runs[0] == runs[1]
+
+
+def _wide_bf16():
+    """A random bf16 Qwen2 wide enough (hidden 512) for the batch effects of real models to show, with logits flat
+    enough (init 0.02) that a last-bit difference flips a greedy argmax: on the decoder before issue 19, 3 of 12
+    rows changed between batch 1 and 4, and 2 of 5 with fewer questions decoded. The tiny models do not show it."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=300, hidden_size=512, intermediate_size=1536, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
+                      tie_word_embeddings=False, initializer_range=0.02)
+    return Qwen2ForCausalLM(cfg).to(torch.bfloat16).eval()
+
+
+@pytest.mark.parametrize("adapter", [False, True])
+def test_batch_invariant_in_bf16(adapter):
+    """Issue 19: in bf16 (the models' dtype by default) a question's tokens do not depend on which questions share
+    its batch, on the batch size, or on how many questions are decoded (`eval.limit`): batch 1 == batch 4 (the
+    tiny teacher stage's) == batch 8 (eval's) == the first 5 questions alone. With an unmerged LoRA adapter too
+    (its float32 layers take the row-by-row path)."""
+    model = _wide_bf16()
+    if adapter:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"],
+                                                 init_lora_weights=False, task_type="CAUSAL_LM")).eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 300, (int(k),), generator=g).tolist()
+               for k in torch.randint(20, 120, (12,), generator=g)]
+    free = greedy_decode(model, prompts, max_new_tokens=MAX_NEW, stop_ids=[], pad_id=0, batch_size=1)
+    # a stop token that ends the rows at the most varied steps: rows leave and join mid-run
+    stops = [max(sorted({t for r in free for t in r}),
+                 key=lambda t: (len({r.index(t) if t in r else MAX_NEW for r in free}), -t))]
+    run = {b: greedy_decode(model, prompts, max_new_tokens=MAX_NEW, stop_ids=stops, pad_id=0, batch_size=b)
+           for b in (1, 4, 8)}
+    assert len({len(r) for r in run[1]}) > 1
+    assert run[4] == run[1] and run[8] == run[1]
+    assert greedy_decode(model, prompts[:5], max_new_tokens=MAX_NEW, stop_ids=stops, pad_id=0,
+                         batch_size=8) == run[1][:5]
