@@ -7,15 +7,16 @@ near-tied greedy argmax then flipped, so a question's answer depended on its bat
 op of a decode step is per row except three, each made invariant here (with kd/decode.py prefilling each prompt
 on its own, so a prefill's shapes are the prompt's own):
 
-- Linear layers (`row_invariant_linears`): a matmul's per-row result may depend on how many rows it has (MKL's
-  float32 matmul takes another path at 1 row than at 2, and another again past a few; a bf16 weight that oneDNN
-  packed for 24 rows gives another last bit at 40), never, measured, on the other rows' values or the row's
-  position. A bf16 weight packed by oneDNN for one row gives the same bits at every row count measured (1 to
-  100, on every shape of the 0.5B student; tests/test_cpu_kernels.py checks the model's own shapes), and packing
-  once (`torch.ops.mkldnn._reorder_linear_weight` / `_linear_pointwise`, what inductor's freezing uses) also saves
-  oneDNN's re-packing of every weight on every call (profiled: a third of a 24-row step). peft's float32 LoRA
-  layers are small: each row is one multiply-and-sum. Large float32 weights (compute.portable) stay on MKL and are
-  *not* batch-invariant.
+- Linear layers (`row_invariant_linears`): a matmul's per-row result depends on how many rows it has (MKL's
+  float32 matmul takes another path at 1 row than at 2; oneDNN's bf16 kernel blocks the sum differently past
+  some row counts: measured on the 1.5B teacher's down projection at 16 and at 28-48 rows, on the 0.5B student's
+  from 33), never, measured, on the other rows' values or on the row's position. So a decode step runs every bf16
+  nn.Linear on blocks of exactly ROWS rows, zero-padded, on a weight packed once by oneDNN for that row count
+  (`torch.ops.mkldnn._reorder_linear_weight` / `_linear_pointwise`, what inductor's freezing uses; it also saves
+  oneDNN's re-packing of every weight on every call). The padding costs compute: a step of 16 rows does the
+  work of 32 (`kd bench` item 7 gives the net cost against the previous decoder). peft's float32 LoRA layers are
+  small: each row is one multiply and a sum. Large float32 weights (compute.portable) stay on MKL and are *not*
+  batch-invariant.
 - Attention (`grouped_query_attention`, registered as "kd_gqa"): a decode step attends over a left-padded cache
   whose width depends on the other rows. Here each row attends over exactly its own keys (its mask's valid
   columns, a contiguous suffix), in float32 (what SDPA accumulates in), each key/value head serving its group of
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 GQA = "kd_gqa"
+ROWS = 32  # a decode step's bf16 matmuls run on blocks of exactly this many rows (row_invariant_linears)
 SMALL = 64  # a weight with a side this small (LoRA A/B) is computed row by row (row_invariant_linears)
 
 
@@ -77,6 +79,15 @@ def _packable() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
+def _row_blocks(x: torch.Tensor, fn) -> torch.Tensor:
+    """fn over the rows of x ([n, in]) in blocks of exactly ROWS rows, the last one zero-padded."""
+    n = x.shape[0]
+    pad = -n % ROWS
+    if pad:
+        x = torch.cat([x, x.new_zeros((pad, x.shape[1]))])
+    return torch.cat([fn(x[i:i + ROWS]) for i in range(0, x.shape[0], ROWS)])[:n]
+
+
 def _rowwise(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ w.T as one multiply and a sum over the last dim per (row, output): the same bits whatever the row count
     (a small weight only: it materialises rows x out x in)."""
@@ -86,11 +97,11 @@ def _rowwise(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> tor
 
 @contextmanager
 def row_invariant_linears(model: nn.Module):
-    """Every CPU nn.Linear of `model` whose per-row result can be made independent of the row count, cheaply:
-    a bf16 weight is packed once by oneDNN for one row and called at any row count (measured: the same bits for
-    every row count up to 100, tests/test_cpu_kernels.py); a small weight (a LoRA A or B: a side of at most SMALL)
-    computes its rows one multiply-and-sum each. Other weights (large float32 ones) are left to MKL, whose per-row
-    result depends on the row count."""
+    """Every CPU nn.Linear of `model` whose per-row result can be made independent of the row count: in a decode
+    step ([B, 1, in]) a bf16 weight, packed once by oneDNN for ROWS rows, runs on blocks of exactly ROWS rows
+    (zero-padded); a small weight (a LoRA A or B: a side of at most SMALL) computes each row as one multiply and a
+    sum. Other inputs (a prefill: one prompt's own rows) run as they are. Large float32 weights are left to MKL,
+    whose per-row result depends on the row count."""
     patched = []
     packable = _packable()
     with torch.no_grad():
@@ -99,10 +110,12 @@ def row_invariant_linears(model: nn.Module):
             if type(mod) is not nn.Linear or w is None or w.device.type != "cpu" or not w.is_floating_point():
                 continue
             if packable and w.dtype == torch.bfloat16:
-                packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
+                packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), ROWS)
 
                 def forward(x, packed=packed, bias=mod.bias):
-                    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+                    def mm(a):
+                        return torch.ops.mkldnn._linear_pointwise(a, packed, bias, "none", [], "")
+                    return _row_blocks(x[:, 0], mm)[:, None] if x.dim() == 3 and x.shape[1] == 1 else mm(x)
             elif min(w.shape) <= SMALL:
                 def forward(x, w=w, bias=mod.bias):
                     return _rowwise(x, w, bias) if x.dim() == 3 and x.shape[1] == 1 else F.linear(x, w, bias)
