@@ -56,7 +56,7 @@ def test_repro_produces_every_output(project):
 
 def test_dry_run_shows_what_a_change_will_rerun(project):
     """`kd repro --dry --force-downstream` (README): after a temperature change, the stages a real run re-runs,
-    listed without running any (dvc.lock and params.yaml untouched); kd.dvc_compat is DVC with its dry-run fix."""
+    listed without running any (dvc.lock and params.yaml untouched); kd repro runs DVC through kd.dvc_compat."""
     root, env, _ = project
     params = (root / "params.yaml").read_text()
     lock = (root / "dvc.lock").read_bytes()
