@@ -313,14 +313,6 @@ def test_format_tricks_are_refused_before_any_model(proj, template):
         in_stage(proj, "teacher", "teacher")
 
 
-def test_no_str_format_on_templates():
-    """The engine is plain placeholder substitution: no `.format(` / format_map on a template anywhere in kd/."""
-    for f in sorted((ROOT / "kd").glob("*.py")):
-        for n, line in enumerate(f.read_text().splitlines(), 1):
-            if "template" in line and (".format(" in line or "format_map" in line or "Formatter" in line):
-                pytest.fail(f"{f.name}:{n}: {line.strip()}")
-
-
 def test_overlong_template_and_instruction_are_refused(proj):
     set_strategy(proj, "teacher", "{question}" + "x" * 20_001)
     with pytest.raises(KdError, match="template is 20011 characters long"):
