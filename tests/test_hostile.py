@@ -36,6 +36,9 @@ from kd.profiles import load as load_profile, names as profile_names
 from stage_runner import cached_stage
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# property-based cases through stage processes and `kd repro` subprocesses (minutes)
+pytestmark = pytest.mark.slow
 TINY = load_profile("tiny", ROOT)
 OUTPUT_ROOTS = ["data", "models", "metrics", "reports", "dvc.lock"]
 SENTINEL = Path(tempfile.gettempdir()) / f"kd-hostile-sentinel-{os.getpid()}"

@@ -10,6 +10,8 @@ import pytest
 from kd.arms import student_arms
 from stage_runner import dvc_project, run_cmd
 
+pytestmark = pytest.mark.slow  # the tiny pipeline end to end through real DVC (minutes)
+
 # two strategies keep the test quick; every stage kind still runs (the full tiny profile is `kd verify`'s job)
 STRATEGIES = ["none", "gold_hint"]
 
