@@ -1,12 +1,15 @@
-"""`python -m kd.dvc_compat ARGS`: the `dvc` command with one upstream fix that DVC 3.67.1 (the newest release)
-lacks, so `dvc repro --dry` works on a fresh clone.
+"""`kd repro`'s way of running DVC: `python -m kd.dvc_compat ARGS` is DVC's own CLI with one workaround applied
+in this process only, so `kd repro --dry` works on a fresh clone. It is not installed as `dvc`: the `dvc` command is
+DVC's own, untouched (tests/test_dvc_interface.py checks both).
 
-The bug (treeverse/dvc#9818): a dry run asks the run cache about every stage that would run, and the run cache
-hashes the stage's dependencies; a dependency that an earlier stage has not produced yet (on a fresh clone:
-data/prepared/transfer.jsonl, models/teacher, ...) makes it crash with `No such file or directory` instead of
-listing the stage. DVC's main branch fixed `_can_hash` by checking `dep.exists` first; this module applies exactly
-that check, and only when the installed DVC still crashes (`needs_fix`), so it becomes a no-op once a fixed DVC is
-released. `kd repro` runs DVC through this module.
+The bug (treeverse/dvc#9818, open): a dry run asks the run cache about every stage that would run, and the run
+cache hashes the stage's dependencies (`dvc.stage.cache._can_hash` calls `dep.get_hash()`); a dependency that an
+earlier stage has not produced yet (on a fresh clone: data/prepared/transfer.jsonl, models/teacher, ...) makes it
+crash with `No such file or directory` instead of listing the stage. No fix has been released: DVC 3.67.1, the
+newest release when this was written, still calls `dep.get_hash()` without checking that the dependency exists.
+The workaround skips the run-cache lookup for a stage whose local dependencies do not all exist (without their
+contents there is nothing to look up). It is applied only while the installed DVC's `_can_hash` has no existence
+check of its own (`needs_fix`), so it becomes a no-op if a DVC release adds one.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ def needs_fix() -> bool:
 
 
 def apply() -> None:
-    """Patch `dvc.stage.cache._can_hash` to the upstream version (missing dependency -> no run-cache lookup)."""
+    """Patch `dvc.stage.cache._can_hash`, in this process: a missing local dependency -> no run-cache lookup."""
     from dvc.stage import cache
 
     if not needs_fix():
@@ -33,7 +36,7 @@ def apply() -> None:
 
     def _can_hash(stage):
         if any(dep.protocol == "local" and dep.def_path and not dep.exists for dep in stage.deps):
-            return False  # upstream: "Without their contents we cannot look up a cached run."
+            return False  # without their contents there is no cached run to look up
         return original(stage)
 
     cache._can_hash = _can_hash

@@ -163,7 +163,7 @@ def repro(root: Path, dvc_args: list[str], echo: Callable[[str], None] = print,
         snap_dir = Path(tempfile.mkdtemp(prefix=".kd-repro-", suffix=".tmp", dir=tmp_parent))
         try:
             snap = take_snapshot(root, snap_dir)
-            # `dvc repro` with upstream's fix for dry runs over not-yet-produced deps (kd/dvc_compat.py)
+            # DVC's CLI with the workaround for its crash on dry runs over not-yet-produced deps (kd/dvc_compat.py)
             res = subprocess.run([sys.executable, "-m", "kd.dvc_compat", "repro", *dvc_args], cwd=root, env=env)
             if res.returncode == 0:
                 return 0

@@ -260,6 +260,7 @@ def test_sdpa_model_rejected(tiny_root):
         assert len(out) == 2
 
 
+@pytest.mark.slow  # runs the attention stage for every arm
 def test_attention_stage_records_its_environment(tiny_root):
     """The attention stages write environment/attention-<arm>.json beside their statistics, like every model stage."""
     import shutil

@@ -35,6 +35,9 @@ from kd.profiles import load as load_profile
 from stage_runner import cached_stage
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# every case three ways, some as `kd repro` / stage subprocesses, and property-based tests (minutes)
+pytestmark = pytest.mark.slow
 TINY = load_profile("tiny", ROOT)
 EDITABLE = ["params.yaml", "strategies.yaml", "tests/data/gsm8k/train.jsonl", "tests/data/gsm8k/test.jsonl"]
 OUTPUT_ROOTS = ["data", "models", "metrics", "results", "reports", "dvc.lock"]

@@ -110,6 +110,7 @@ def _read(path):
 # ------------------------------------------------------------------------------------- real lm-eval path
 
 
+@pytest.mark.slow  # lm-eval end to end on tiny models
 def test_student_end_to_end_matches_plain_transformers(root):
     p = _params(batch_size=1)  # batch 1: bit-for-bit the same computation as the reference
     s = ev.evaluate_model("student", p, root=root, device="cpu")
@@ -150,6 +151,7 @@ def test_student_end_to_end_matches_plain_transformers(root):
         assert str(root).encode() not in b and b"/tmp" not in b
 
 
+@pytest.mark.slow  # lm-eval end to end on tiny models
 def test_limit_and_teacher(root):
     s = ev.evaluate_model("teacher", _params(limit=3), root=root, device="cpu")
     rows = _read(root / "reports" / "eval" / "teacher" / "samples.jsonl")
@@ -158,6 +160,7 @@ def test_limit_and_teacher(root):
     assert [r["id"] for r in rows] == [2, 7, 10]
 
 
+@pytest.mark.slow  # lm-eval end to end on tiny models
 def test_kd_adapter_goes_through_peft(root):
     p = _params(batch_size=1)
     ev.evaluate_model("kd-none", p, root=root, device="cpu")
@@ -445,6 +448,7 @@ def test_evaluated_student_is_the_trained_one(tmp_path):
 # ---------------------------------------------------------------- comparable to the lm-eval CLI (7.9)
 
 
+@pytest.mark.slow  # lm-eval end to end on tiny models
 def test_our_eval_equals_the_lm_eval_command_line(tmp_path):
     """Our eval of a tiny model equals `lm-eval run` of the same task file on the same rows: same responses,
     same per-question scores, same accuracies. (What the numbers are comparable to is this task file, zero-shot

@@ -10,6 +10,8 @@ import pytest
 from kd.arms import student_arms
 from stage_runner import dvc_project, run_cmd
 
+pytestmark = pytest.mark.slow  # the tiny pipeline end to end through real DVC (minutes)
+
 # two strategies keep the test quick; every stage kind still runs (the full tiny profile is `kd verify`'s job)
 STRATEGIES = ["none", "gold_hint"]
 
@@ -56,7 +58,7 @@ def test_repro_produces_every_output(project):
 
 def test_dry_run_shows_what_a_change_will_rerun(project):
     """`kd repro --dry --force-downstream` (README): after a temperature change, the stages a real run re-runs,
-    listed without running any (dvc.lock and params.yaml untouched); kd.dvc_compat is DVC with its dry-run fix."""
+    listed without running any (dvc.lock and params.yaml untouched); kd repro runs DVC through kd.dvc_compat."""
     root, env, _ = project
     params = (root / "params.yaml").read_text()
     lock = (root / "dvc.lock").read_bytes()

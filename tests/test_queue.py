@@ -9,6 +9,8 @@ import pytest
 
 from stage_runner import dvc_project, run_cmd
 
+pytestmark = pytest.mark.slow  # two queued DVC experiments run on the tiny profile (minutes)
+
 ALPHAS = ["0.2", "0.9"]
 
 

@@ -43,7 +43,17 @@ def _where(path: Path, node: ast.AST) -> str:
 
 
 def test_sources_found():
-    assert len(SOURCES) > 15
+    """The glob sees every module of the kd package, subpackages included (as Python's importer lists them), so a
+    static check below cannot miss a module that moves into a subpackage."""
+    import pkgutil
+
+    import kd
+
+    modules = {m.name for m in pkgutil.walk_packages(kd.__path__, "kd.")}
+    found = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+             for p in SOURCES if p.is_relative_to(ROOT / "kd")}
+    assert modules and modules <= found, sorted(modules - found)
+    assert any(p.parent.name == "stages" for p in SOURCES) and any(p.parent.name == "scripts" for p in SOURCES)
 
 
 def test_yaml_is_only_read_with_safe_loaders():
@@ -141,25 +151,94 @@ def test_profiles_keep_remote_code_off():
         assert p["teacher"]["trust_remote_code"] is False and p["student"]["trust_remote_code"] is False, prof
 
 
-def test_loader_passes_the_param_and_safetensors(tiny_models, monkeypatch):
-    import transformers
+def _remote_code_folder(tiny_models: Path, dest: Path) -> Path:
+    """The tiny student with a config that asks for remote code (`auto_map` -> remote_model.py, which writes
+    dest/RAN when it is imported) and, beside the safetensors, a pytorch_model.bin that fails if anything reads it."""
+    import shutil
 
-    import kd.loading
+    folder = dest / "remote-model"
+    shutil.copytree(tiny_models / "student", folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    base = cfg["architectures"][0]
+    (folder / "remote_model.py").write_text(
+        f"from pathlib import Path\nPath({str(dest / 'RAN')!r}).write_text('remote code ran')\n"
+        f"from transformers import {base} as _Base\n\n\nclass RemoteModel(_Base):\n    pass\n")
+    cfg["auto_map"] = {"AutoModelForCausalLM": "remote_model.RemoteModel"}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "pytorch_model.bin").write_bytes(b"not weights: a loader that reads this file fails")
+    return folder
 
-    seen = []
 
-    def fake(path, **kw):
-        seen.append(kw)
-        raise RuntimeError("stop")
+def test_model_asking_for_remote_code_loads_without_running_it(tiny_models, tmp_path, monkeypatch):
+    """Behaviour, not arguments: a model folder whose config asks for its own code loads as the built-in class with
+    the param off (default), its code never imported; only trust_remote_code=True runs it. Both load the
+    safetensors weights and never read the pytorch_model.bin beside them."""
+    import transformers.dynamic_module_utils as dyn
 
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake)
-    for trc in (False, True):
-        with pytest.raises(RuntimeError):
-            kd.loading.load_model(tiny_models / "student", "float32", trc)
-    with pytest.raises(RuntimeError):
-        kd.loading.load_model(tiny_models / "student")
-    assert [k["trust_remote_code"] for k in seen] == [False, True, False]
-    assert all(k["use_safetensors"] is True for k in seen)
+    from kd.loading import load_model
+
+    monkeypatch.setattr(dyn, "HF_MODULES_CACHE", str(tmp_path / "modules"))  # where transformers copies remote code
+    folder = _remote_code_folder(tiny_models, tmp_path)
+    for model in (load_model(folder, "float32"), load_model(folder, "float32", False)):
+        assert type(model).__name__ != "RemoteModel" and not (tmp_path / "RAN").exists()
+    model = load_model(folder, "float32", True)  # the param is what decides: with it on, the folder's code runs
+    assert type(model).__name__ == "RemoteModel" and (tmp_path / "RAN").exists()
+
+
+# Format strings that are not literals (str.format, format_map, format(), string.Formatter, %) are where a user's
+# template or name could become a format spec (`{question:>2000000000}`, `{x.__class__}`). Each one allowed here is a
+# format string the code writes itself; the key is (function, receiver) so a moved or renamed module keeps its entry.
+CODE_FORMAT_STRINGS = {
+    ("part_fields", "parts['package']"): "kd/models.yaml's wheel-name pattern (package data, `{i}` only)",
+    ("part_fields", "parts['member']"): "kd/models.yaml's file-name pattern (package data, `{i}` only)",
+    ("verify_committed", "s"): "DEFAULT_STAGES, the module's own stage patterns (`{first_strategy}`)",
+}
+
+
+def _is_literal(node: ast.AST) -> bool:
+    return isinstance(node, ast.JoinedStr) or isinstance(node, ast.Constant) and isinstance(node.value, str)
+
+
+def _formatting(tree: ast.AST):
+    """(function name, receiver source, line) of each formatting whose format string is not a literal. `a % b`
+    counts when its right side is a tuple, dict or string (so integer remainders such as `step % every` do not)."""
+    def visit(node, func):
+        for child in ast.iter_child_nodes(node):
+            yield from visit(child, child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else func)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                and node.func.attr in ("format", "format_map", "vformat") and not _is_literal(node.func.value):
+            yield func, ast.unparse(node.func.value), node.lineno
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "format" \
+                and len(node.args) > 1 and not _is_literal(node.args[1]):
+            yield func, ast.unparse(node.args[1]), node.lineno
+        elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mod) and not _is_literal(node.left) \
+                and (isinstance(node.right, (ast.Tuple, ast.Dict, ast.JoinedStr)) or _is_literal(node.right)):
+            yield func, ast.unparse(node.left), node.lineno
+        elif isinstance(node, (ast.Name, ast.Attribute)) and (getattr(node, "id", None) or node.attr) == "Formatter":
+            yield func, ast.unparse(node), node.lineno
+    yield from visit(tree, "<module>")
+
+
+def test_no_format_string_comes_from_data():
+    """Every kd module, subpackages included: templates are filled by plain substitution (kd.prompting.fill), never
+    by str.format on a string that was read, and the few code-written patterns are named in CODE_FORMAT_STRINGS."""
+    seen, bad = set(), []
+    for path in SOURCES:
+        for func, receiver, line in _formatting(ast.parse(path.read_text(encoding="utf-8"))):
+            seen.add((func, receiver))
+            if (func, receiver) not in CODE_FORMAT_STRINGS:
+                bad.append(f"{path.relative_to(ROOT)}:{line} in {func}(): {receiver}")
+    assert not bad, "formatting with a format string that is not a literal:\n" + "\n".join(bad)
+    assert not set(CODE_FORMAT_STRINGS) - seen, f"stale entries: {sorted(set(CODE_FORMAT_STRINGS) - seen)}"
+
+
+def test_format_check_finds_what_it_must():
+    src = ("def f(t, v, n):\n"
+           "    a = t.format(question=v)\n    b = t.format_map({'q': v})\n    c = format(v, t)\n"
+           "    d = t % (v,)\n    e = string.Formatter().vformat(t, (), {})\n"
+           "    ok = '{x}'.format(x=v) + f'{v}' + '%s' % v + str(n % 4) + format(v, '>4')\n")
+    found = [(r, line) for _, r, line in _formatting(ast.parse(src))]
+    assert {line for _, line in found} == {2, 3, 4, 5, 6}, found
 
 
 def test_folder_with_pickle_weights_only_is_refused(tiny_models, tmp_path):
