@@ -80,7 +80,7 @@ def test_workflow_shape_secrets_and_gitlab_agree():
     # GitLab runs the same commands
     gl = yaml.safe_load(GITLAB.read_text())
     script = "\n".join(gl["kd-check"]["script"])
-    for cmd in ("bash scripts/bootstrap", 'python -m pytest -q -m "not slow"', "kd verify ${KD_VERIFY_ARGS}",
+    for cmd in ("bash scripts/bootstrap", 'python -m pytest -q -m "not slow"', "kd verify ${KDCI_VERIFY_ARGS}",
                 "kd verify --committed", 'kd pr-report "origin/${BASE_REF}" HEAD > report.md'):
         assert cmd in "\n".join(runs) and cmd in script, cmd
     assert gl["variables"]["GIT_DEPTH"] == "0"
@@ -153,12 +153,12 @@ def test_pr_report_on_two_tiny_runs(two_commits):
 
 
 # The values the test gives the workflow's expressions: what GitHub would on a pull request into main, with the
-# repository variable KD_VERIFY_ARGS set to --quick (kd verify's invalidation and code-dependency checks, ~30 s;
+# repository variable KDCI_VERIFY_ARGS set to --quick (kd verify's invalidation and code-dependency checks, ~30 s;
 # the full two-run comparison takes minutes and is .ci/run's and tests/test_verify.py's job). Any other expression
 # fails the test, so a new one gets a deliberate value here.
-EXPRESSIONS = {"vars.KD_VERIFY_ARGS": "--quick", "github.base_ref || 'main'": "main",
-               "vars.KD_RUNNER || 'ubuntu-latest'": "ubuntu-latest", "github.ref": "refs/pull/1/merge",
-               "vars.KD_VERIFY_COMMITTED == 'true'": False, "github.event_name == 'pull_request'": True}
+EXPRESSIONS = {"vars.KDCI_VERIFY_ARGS": "--quick", "vars.KD_TORCH": "", "github.base_ref || 'main'": "main",
+               "vars.KDCI_RUNNER || 'ubuntu-latest'": "ubuntu-latest", "github.ref": "refs/pull/1/merge",
+               "vars.KDCI_VERIFY_COMMITTED == 'true'": False, "github.event_name == 'pull_request'": True}
 
 
 def _expr(value):
@@ -213,7 +213,7 @@ def test_every_run_step_runs_in_order_on_a_fresh_clone(two_commits, tmp_path):
         ran.append((name, res.stdout))
     assert [n for n, _ in ran] == ["Fast tests", "Reproducibility on the tiny profile", "Pull-request report",
                                    "Post the report on the pull request (CML)"]
-    assert skipped == ["Re-run committed stages against the DVC remote"]  # KD_VERIFY_COMMITTED is not set
+    assert skipped == ["Re-run committed stages against the DVC remote"]  # KDCI_VERIFY_COMMITTED is not set
     assert re.search(r"\d+ passed", ran[0][1])
     report = posted.read_text()
     assert report.startswith("# kd-prime: HEAD (") and "vs origin/main (" in report
