@@ -11,6 +11,7 @@ import torch
 from lm_eval.api.model import LM
 
 from kd import evaluate as ev
+from kd.eval_questions import QUESTION_KEYS
 from kd.answers import parse_gold, score
 from kd.errors import ArtefactError, KdError, ParamError
 from kd.prompting import render_question
@@ -147,7 +148,7 @@ def test_student_end_to_end_matches_plain_transformers(root):
     questions = _read(questions_path)
     assert [q["id"] for q in questions] == [r["id"] for r in rows]
     for q, r in zip(questions, rows):
-        assert list(q) == sorted(ev.QUESTION_KEYS)  # sorted keys: byte-stable
+        assert list(q) == sorted(QUESTION_KEYS)  # sorted keys: byte-stable
         assert (q["gold"], q["strict"], q["flexible"]) == (r["gold"], r["pred_strict"], r["pred_flexible"])
         assert (q["correct_strict"], q["correct_flexible"]) == (r["correct_strict"], r["correct_flexible"])
         assert (q["tokens"], q["truncated"]) == (r["response_tokens"], r["truncated"])
