@@ -26,6 +26,13 @@ def _ids(ids: list[int]) -> str:
     return shown + (f", … ({len(ids)} in all)" if len(ids) > MAX_IDS else "")
 
 
+def _mde(p: dict) -> str:
+    """The detectable difference; "≥" where the commits disagreed on fewer questions than it takes (kd.stats then
+    assumes the fewest disagreements a difference that size needs, the test's best case: the true one is larger)."""
+    floor = p["only_a"] + p["only_b"] < round(p["mde"] * p["n"])
+    return f"{'≥ ' if floor else '±'}{100 * p['mde']:.1f}"
+
+
 def _stage_list(stages: list[str]) -> str:
     return ", ".join(f"`{s}`" for s in stages) if stages else "none"
 
@@ -89,7 +96,9 @@ def render(an: dict, plots: dict[str, str]) -> str:
           "95 % Wilson intervals. The test pairs the two commits on the questions both scored (exact McNemar: the "
           "questions one commit got right and the other wrong); *detectable* is the smallest change those "
           "questions detect with 80 % power at two-sided 0.05, at the disagreement observed between the two "
-          "commits. A change smaller than that is not evidence either way.", ""]
+          "commits (≥: they disagreed on fewer questions than a change that size needs, so it is computed at the "
+          "fewest it needs, the test's best case, and the true one is larger). A change smaller than that is not "
+          "evidence either way.", ""]
     for kind in KINDS:
         L += [f"### {kind} {'(the headline)' if kind == KINDS[0] else ''}".rstrip(), "",
               f"| arm | {base.name} | {head.name} | Δ (pp) | shared | right only in {base.name} / {head.name} "
@@ -100,7 +109,7 @@ def render(an: dict, plots: dict[str, str]) -> str:
             delta = "—" if acc_a is None or acc_b is None else f"{100 * (acc_b['acc'] - acc_a['acc']):+.1f}"
             p = a.get("paired", {}).get(kind)
             if p is not None:
-                test = (f"{p['n']} | {p['only_b']} / {p['only_a']} | {pval(p['mcnemar_p'])} | ±{100 * p['mde']:.1f} | "
+                test = (f"{p['n']} | {p['only_b']} / {p['only_a']} | {pval(p['mcnemar_p'])} | {_mde(p)} | "
                         + ("—" if kind != KINDS[0] else ("yes" if a["beyond_noise"] else "no")))
             else:
                 test = "— | — | — | — | —"

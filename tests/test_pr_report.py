@@ -117,6 +117,9 @@ def test_report_names_params_stages_arms_and_recomputable_p_values(repo):
     assert row[8:] == ["yes", "yes"], row  # beyond noise (Holm over the 2 paired arms), eval re-ran
     student = _table_row(md, "flexible", "student")
     assert student[6] == "1" and student[8:] == ["no", "no"], student
+    # detectable: at the observed disagreement (10 of 29 questions), or a stated lower bound where the commits
+    # disagreed on fewer questions than that difference needs (student: none)
+    assert row[7] == "±31.0" and student[7] == "≥ 26.7", (row, student)
     assert _table_row(md, "strict", "kd-none")[6] == "1"  # no strict answer right at either commit
     # the questions only one commit scored are named, not dropped
     assert "1 only at HEAD~1 (ids 29); 1 only at HEAD (ids 30)" in md
