@@ -117,6 +117,20 @@ def verify(profile_name, tolerance, rtol, atol, skip_invalidation, quick, keep, 
     sys.exit(0 if v.ok else 1)
 
 
+@cli.command("pr-report")
+@click.argument("base")
+@click.argument("head", default="HEAD")
+@click.option("--plots", "plots_dir", default="pr-report", show_default=True,
+              help="Folder for the report's PNGs (linked from the Markdown); only ever holds them. '' for none.")
+def pr_report(base, head, plots_dir):
+    """Markdown to stdout: what changed from commit BASE to HEAD (params, re-run stages, accuracy per arm with the
+    paired exact test on the shared questions, teacher, environment, plots), from what git holds. docs/ci.md"""
+    from kd.pr_report import check_plots_dir, pr_report as run
+
+    plots = check_plots_dir(plots_dir) if plots_dir else None
+    click.echo(run(Path.cwd(), base, head, plots), nl=False)
+
+
 @cli.command("invalidation-table")
 @click.option("--write", is_flag=True, help="Put it into docs/reproducibility.md (between its markers).")
 def invalidation_table(write):

@@ -5,8 +5,8 @@ template, greedy). Our code renders the prompts, writes them plus a filled-in co
 temp dir, runs `lm_eval.simple_evaluate` on an HFLM (a peft adapter for `kd-<strategy>`), turns lm-eval's
 per-sample log into one row per question and cross-checks the totals against lm-eval's own aggregate.
 
-Outputs (atomic, byte-stable): results/eval/<model>.json (flat keys, for `dvc metrics diff`) and
-reports/eval/<model>/samples.jsonl (one row per question, sorted by id).
+Outputs (atomic, byte-stable): results/eval/<model>.json (flat keys, for `dvc metrics diff`),
+reports/eval/<model>/samples.jsonl (one row per question, sorted by id) and results/eval/<model>.jsonl (kd.eval_questions).
 """
 
 from __future__ import annotations
@@ -392,6 +392,9 @@ def evaluate_model(name: str, params: dict, *, root: str | Path = ".", device: s
     out_rows, metrics = evaluate_docs(spec, rows, params, device=device)
     seconds = time.perf_counter() - t0
     write_jsonl(root / REPORTS_DIR / name / "samples.jsonl", out_rows)
+    from kd.eval_questions import question_rows
+
+    write_jsonl(root / RESULTS_DIR / f"{name}.jsonl", question_rows(out_rows))
     write_json(root / RESULTS_DIR / f"{name}.json", metrics)
     return {"model": name, "items": metrics["n"], "tokens": sum(r["response_tokens"] for r in out_rows),
             "seconds": seconds, **metrics}
