@@ -5,8 +5,9 @@ template, greedy). Our code renders the prompts, writes them plus a filled-in co
 temp dir, runs `lm_eval.simple_evaluate` on an HFLM (a peft adapter for `kd-<strategy>`), turns lm-eval's
 per-sample log into one row per question and cross-checks the totals against lm-eval's own aggregate.
 
-Outputs (atomic, byte-stable): results/eval/<model>.json (flat keys, for `dvc metrics diff`) and
-reports/eval/<model>/samples.jsonl (one row per question, sorted by id).
+Outputs (atomic, byte-stable): results/eval/<model>.json (flat keys, for `dvc metrics diff`),
+reports/eval/<model>/samples.jsonl (one row per question, sorted by id) and results/eval/<model>.jsonl (the same
+rows without prompt and response: what git keeps per question, for `kd pr-report`'s paired test).
 """
 
 from __future__ import annotations
@@ -330,6 +331,18 @@ def summarise(rows: Sequence[dict]) -> dict:
     return out
 
 
+QUESTION_KEYS = ("id", "gold", "strict", "flexible", "correct_strict", "correct_flexible", "tokens", "truncated")
+
+
+def question_rows(rows: Sequence[dict]) -> list[dict]:
+    """results/eval/<arm>.jsonl: one row per question (sorted by id), derived from the samples.jsonl rows: the
+    extracted answers (null when none), their correctness, the response's tokens and whether it was cut off."""
+    return [{"id": r["id"], "gold": r["gold"], "strict": r["pred_strict"], "flexible": r["pred_flexible"],
+             "correct_strict": bool(r["correct_strict"]), "correct_flexible": bool(r["correct_flexible"]),
+             "tokens": int(r["response_tokens"]), "truncated": bool(r["truncated"])}
+            for r in sorted(rows, key=lambda r: r["id"])]
+
+
 def response_token_counts(samples: Sequence[dict], lm, max_new_tokens: int) -> dict[int, tuple[int, bool]]:
     """doc id -> (tokens generated before the stop token, truncated: the row hit max_new_tokens unfinished).
 
@@ -392,6 +405,7 @@ def evaluate_model(name: str, params: dict, *, root: str | Path = ".", device: s
     out_rows, metrics = evaluate_docs(spec, rows, params, device=device)
     seconds = time.perf_counter() - t0
     write_jsonl(root / REPORTS_DIR / name / "samples.jsonl", out_rows)
+    write_jsonl(root / RESULTS_DIR / f"{name}.jsonl", question_rows(out_rows))
     write_json(root / RESULTS_DIR / f"{name}.json", metrics)
     return {"model": name, "items": metrics["n"], "tokens": sum(r["response_tokens"] for r in out_rows),
             "seconds": seconds, **metrics}

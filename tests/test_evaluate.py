@@ -142,10 +142,21 @@ def test_student_end_to_end_matches_plain_transformers(root):
     ref = _reference(root / "models" / "student", [r["prompt"] for r in rows], MAX_NEW)
     assert [(r["response"], r["response_tokens"]) for r in rows] == ref
 
+    # results/eval/<arm>.jsonl (git-tracked): the same questions, exactly the per-question keys, from the same rows
+    questions_path = root / "results" / "eval" / "student.jsonl"
+    questions = _read(questions_path)
+    assert [q["id"] for q in questions] == [r["id"] for r in rows]
+    for q, r in zip(questions, rows):
+        assert list(q) == sorted(ev.QUESTION_KEYS)  # sorted keys: byte-stable
+        assert (q["gold"], q["strict"], q["flexible"]) == (r["gold"], r["pred_strict"], r["pred_flexible"])
+        assert (q["correct_strict"], q["correct_flexible"]) == (r["correct_strict"], r["correct_flexible"])
+        assert (q["tokens"], q["truncated"]) == (r["response_tokens"], r["truncated"])
+        assert all(isinstance(q[k], bool) for k in ("correct_strict", "correct_flexible", "truncated"))
+
     # byte-stable, no absolute paths
-    before = metrics_path.read_bytes(), samples_path.read_bytes()
+    before = metrics_path.read_bytes(), samples_path.read_bytes(), questions_path.read_bytes()
     ev.evaluate_model("student", p, root=root, device="cpu")
-    assert (metrics_path.read_bytes(), samples_path.read_bytes()) == before
+    assert (metrics_path.read_bytes(), samples_path.read_bytes(), questions_path.read_bytes()) == before
     for b in before:
         assert str(root).encode() not in b and b"/tmp" not in b
 
