@@ -311,7 +311,8 @@ def verdict(fams: list[dict], primary: str, planning: float) -> dict:
     if best:
         c = next(c for c in training if c["arm"] == best)
         lines.append(f"Best arm: **{best}**, {100 * c[primary]['diff']:+.1f} points over the base student "
-                     f"(Holm-corrected p = {pval(c[primary]['p_holm'])}).")
+                     f"(Holm-corrected p = {pval(c[primary]['p_holm'])}): the largest significant gain over the base "
+                     "student; whether it beats the other trained arms is the families' question above.")
     else:
         lines.append("No best arm is named: no trained arm beats the base student significantly after Holm "
                      "correction.")
