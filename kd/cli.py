@@ -302,6 +302,28 @@ def tune(n_trials, timeout, apply_, report_only):
     run_study(p, root, n_trials=n_trials, timeout=timeout, echo=click.echo)
 
 
+@cli.command()
+@click.option("--mde", type=float, required=True,
+              help="The difference to detect, in accuracy points (e.g. 10 = 10 percentage points).")
+@click.option("--disagreement", type=float, default=None,
+              help="Share of questions the two arms disagree on, in (0, 1]. Default: measured on the committed "
+                   "results/eval/<arm>.jsonl (the largest of the first comparison family), else "
+                   "report.planning_disagreement.")
+@click.option("--seconds-per-question", "seconds", type=float, default=None,
+              help="Eval seconds per question and arm. Default: measured (results/eval/<arm>.json, reports/bench.json).")
+def plan(mde, disagreement, seconds):
+    """How many eval questions a detectable difference needs, and what evaluating them costs on this machine."""
+    from kd.params import load_params
+    from kd.report import plan as plan_questions
+
+    if not 0 < mde <= 100:
+        raise KdError(f"kd plan: --mde is {mde}; allowed: accuracy points in (0, 100]")
+    if seconds is not None and not seconds > 0:
+        raise KdError(f"kd plan: --seconds-per-question is {seconds}; allowed: a number > 0")
+    for line in plan_questions(load_params(), mde / 100, disagreement, Path.cwd(), seconds):
+        click.echo(line)
+
+
 def main():
     from kd.cli_util import handle
 

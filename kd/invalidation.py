@@ -83,6 +83,7 @@ INVALIDATION: list[Change] = [
     Change("eval.batch_size", 2, EVAL_ALL),
     Change("eval.max_new_tokens", 12, (*EVAL_ALL, "report")),
     Change("report.attention_prompts", 1, (*ATTN_ALL, "report")),
+    Change("report.primary_metric", "flexible", ("report",), why="the conclusion's metric; no stage before it"),
     Change("tune.n_trials", 5, (), why="kd tune's own section: no stage reads it"),
     Change("kd/tune.py", None, (), why="kd tune only; its results reach the pipeline through kd tune --apply"),
     Change("kd/loss.py", None, TRAIN_ALL),

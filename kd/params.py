@@ -24,6 +24,7 @@ RESPONSE_FILTERS = ["all", "finished", "correct"]  # which teacher responses dis
 TUNE_OBJECTIVES = ["accuracy", "nll"]  # kd tune: validation strict accuracy (lm-eval) | validation gold NLL
 SHARDINGS = ["ddp", "fsdp"]  # compute.sharding: how distill@* spreads the student over processes (kd/sharding.py)
 QUANTIZATIONS = ["bnb-4bit", "bnb-8bit"]  # load-time bitsandbytes quantization (teacher; student: kd/qlora.py)
+PRIMARY_METRICS = ["strict", "flexible"]  # report.primary_metric: lm-eval gsm8k strict-match | flexible-extract
 SOURCE_RE = re.compile(r"^(hub:\S+|jsonl:\S+|pypi:[A-Za-z0-9_.\-]+(==\S+)?)$")
 
 
@@ -221,6 +222,8 @@ class Eval(Section):
 
 class Report(Section):
     attention_prompts: F(int, _int(1, 256))
+    primary_metric: F(str, _choice(PRIMARY_METRICS))  # kd/report.py: the conclusion's metric, named before the run
+    planning_disagreement: F(float, _float(0.0, 1.0, lo_open=True))  # kd/report.py, `kd plan`
 
 
 class Compute(Section):

@@ -1,9 +1,11 @@
 """Statistics for accuracy reports, on scipy: Wilson score intervals for a proportion, the exact McNemar test for
-two models answering the same questions, and the power of that test (the smallest difference a paired
-comparison of n questions could detect). Pure functions, float64, deterministic."""
+two models answering the same questions, Holm's correction within a family of such tests, and the power of the
+test: the smallest difference a paired comparison of n questions could detect at a given rate of disagreement,
+and the questions a given difference needs. Pure functions, float64, deterministic."""
 
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import numpy as np
@@ -105,24 +107,30 @@ def mcnemar_power(n: int, discordant: float, difference: float, alpha: float = A
     return float(power)
 
 
-def mcnemar_mde(n: int, discordant: float, alpha: float = ALPHA, power: float = POWER) -> float:
+def mcnemar_mde(n: int, discordant: float, alpha: float = ALPHA, power: float = POWER) -> float | None:
     """The smallest accuracy difference (a multiple of 1/n) that the exact McNemar test over n paired questions
     detects with probability >= `power` at two-sided level `alpha`, when the two models disagree on a fraction
-    `discordant` of questions (the observed rate; never below the difference itself, since a difference d
-    needs at least d·n discordant questions). 1.0 when even the largest difference is not detectable."""
+    `discordant` of the questions (held at that rate: no best-case floor).
+
+    A difference can never exceed the disagreement (each point of difference is a question one model got right
+    and the other wrong), so only differences up to `discordant` are candidates. None when none of them is
+    detectable (for example at a low disagreement: n = 48 needs at least 1/6 of the questions discordant, all
+    one way, to detect 16.7 points; at 30 % disagreement the smallest detectable difference is 22.9 points)."""
     _check_count("n", n)
     if n <= 0:
         raise ValueError(f"n must be positive, got {n}")
+    if not 0 <= discordant <= 1:
+        raise ValueError(f"discordant must be in [0, 1], got {discordant}")
+    kmax = math.floor(discordant * n + 1e-9)  # the largest difference (in questions) this disagreement allows
 
     def enough(k: int) -> bool:
-        d = k / n
-        return mcnemar_power(n, max(discordant, d), d, alpha) >= power
+        return mcnemar_power(n, discordant, min(k / n, discordant), alpha) >= power
 
-    # power rises with the difference (up to the test's discreteness): bisect over k = 1..n, then make sure
-    # no smaller k just below the bisection point also qualifies
-    lo, hi = 1, n
-    if not enough(hi):
-        return 1.0
+    # at a fixed disagreement the power rises with the difference (the better model wins a larger share of the
+    # discordant pairs): bisect over k = 1..kmax, then make sure no k just below the bisection point qualifies
+    if kmax < 1 or not enough(kmax):
+        return None
+    lo, hi = 1, kmax
     while lo < hi:
         mid = (lo + hi) // 2
         if enough(mid):
@@ -132,3 +140,55 @@ def mcnemar_mde(n: int, discordant: float, alpha: float = ALPHA, power: float = 
     while lo > 1 and enough(lo - 1):
         lo -= 1
     return lo / n
+
+
+def mcnemar_sample_size(difference: float, discordant: float, alpha: float = ALPHA, power: float = POWER,
+                        n_max: int = 1_000_000) -> int:
+    """The smallest number of paired questions whose exact McNemar test detects a true accuracy difference
+    `difference` with probability >= `power` at two-sided level `alpha`, when the models disagree on a fraction
+    `discordant` of the questions (0 < difference <= discordant <= 1).
+
+    The exact power is not monotone in n (the test is discrete): this is the smallest n found by bisection
+    between the power's brackets, then stepped down while n - 1 still qualifies; the normal approximation
+    (Connor 1987) only seeds the bracket."""
+    if not 0 < difference <= discordant <= 1:
+        raise ValueError(f"need 0 < difference <= discordant <= 1, got {difference}, {discordant}")
+    z_b = stats.norm.ppf(power)
+    z_a = stats.norm.ppf(1 - alpha / 2)
+    approx = (z_a * math.sqrt(discordant) + z_b * math.sqrt(discordant - difference ** 2)) ** 2 / difference ** 2
+    hi = max(2, int(math.ceil(approx)))
+    while mcnemar_power(hi, discordant, difference, alpha) < power:
+        if hi >= n_max:
+            raise ValueError(f"more than {n_max} questions would be needed")
+        hi = min(n_max, hi * 2)
+    lo = 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if mcnemar_power(mid, discordant, difference, alpha) >= power:
+            hi = mid
+        else:
+            lo = mid + 1
+    while lo > 1 and mcnemar_power(lo - 1, discordant, difference, alpha) >= power:
+        lo -= 1
+    return lo
+
+
+# ------------------------------------------------------------------------------------------------ multiplicity
+
+
+def holm(pvalues: Mapping[str, float]) -> dict[str, float]:
+    """Holm–Bonferroni adjusted p-values within one family of tests: sorted ascending (ties by name), the i-th
+    smallest (0-based, of m) gets max over j <= i of min(1, (m - j) p_(j)). A test rejects at family-wise level
+    alpha exactly when its adjusted p <= alpha. (statsmodels' multipletests(method="holm") computes the same;
+    kd-prime does not depend on statsmodels.)"""
+    order = sorted(pvalues, key=lambda k: (pvalues[k], k))
+    m = len(order)
+    out: dict[str, float] = {}
+    running = 0.0
+    for i, k in enumerate(order):
+        p = float(pvalues[k])
+        if not 0 <= p <= 1:
+            raise ValueError(f"p-value of {k!r} must be in [0, 1], got {p}")
+        running = max(running, min(1.0, (m - i) * p))
+        out[k] = running
+    return out

@@ -1,6 +1,7 @@
-"""Stage `report`: results table, paired tests, the attention stages' statistics -> reports/index.{md,html},
-reports/plots/, reports/attention.json, metrics/{strict,flexible}/*.json (the headline). Reads outputs only: no model
-is loaded."""
+"""Stage `report`: results table, the three families of paired tests (kd-<s> vs kd-none, kd-* vs finetune, trained
+arms vs the base student), the attention stages' statistics -> reports/index.{md,html}, reports/plots/,
+reports/attention.json, reports/comparisons.json, metrics/{compare,strict,flexible}/ (the headline). Reads outputs
+only: no model is loaded."""
 
 import time
 

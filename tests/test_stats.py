@@ -3,7 +3,8 @@ from fractions import Fraction
 
 import pytest
 
-from kd.stats import Z95, mcnemar_exact, mcnemar_mde, mcnemar_power, paired_comparison, wilson_interval
+from kd.stats import (Z95, holm, mcnemar_exact, mcnemar_mde, mcnemar_power, mcnemar_sample_size, paired_comparison,
+                      wilson_interval)
 
 
 def _wilson_ref(k, n, z=Z95):
@@ -98,7 +99,7 @@ def test_paired_comparison():
     b = {1: True, 2: False, 3: True, 4: False, 5: False}
     r = paired_comparison(a, b)
     assert r == {"n": 5, "both": 1, "only_a": 2, "only_b": 1, "neither": 1, "accuracy_a": 0.6,
-                 "accuracy_b": 0.4, "difference": pytest.approx(0.2), "mcnemar_p": 1.0, "mde": 1.0}
+                 "accuracy_b": 0.4, "difference": pytest.approx(0.2), "mcnemar_p": 1.0, "mde": None}
     with pytest.raises(ValueError, match="same questions"):
         paired_comparison(a, {1: True})
     with pytest.raises(ValueError):
@@ -133,21 +134,102 @@ def test_power_near_connor_for_large_n():
     assert mcnemar_power(n, psi, d) == pytest.approx(norm.cdf(z_b), abs=0.03)
 
 
-def test_mde_is_the_smallest_detectable_grid_difference():
-    for n, psi in [(16, 0.2), (48, 0.25), (64, 0.0), (128, 0.3)]:
-        mde = mcnemar_mde(n, psi)
-        k = round(mde * n)
-        assert mcnemar_power(n, max(psi, k / n), k / n) >= 0.8
-        assert k == 1 or mcnemar_power(n, max(psi, (k - 1) / n), (k - 1) / n) < 0.8
+def _power_ref(n, psi, d):
+    """Exact power by brute-force binomial sums in float64 (math.comb), with the p-value from _mcnemar_ref: an
+    implementation independent of kd.stats (and of scipy)."""
+    pw = (psi + d) / (2 * psi)
+    total = 0.0
+    for m in range(n + 1):
+        w = math.comb(n, m) * psi ** m * (1 - psi) ** (n - m)
+        if w < 1e-300:
+            continue
+        for c in range(m + 1):
+            if _mcnemar_ref(m - c, c) <= 0.05:
+                total += w * math.comb(m, c) * pw ** c * (1 - pw) ** (m - c)
+    return total
+
+
+def _mde_ref(n, psi):
+    """The smallest k/n <= psi whose power at disagreement psi (held, no floor) is >= 0.8; None if none."""
+    for k in range(1, n + 1):
+        if k / n > psi + 1e-12:
+            return None
+        if _power_ref(n, psi, min(k / n, psi)) >= 0.8:
+            return k / n
+    return None
+
+
+@pytest.mark.parametrize("n,psi,d", [(48, 0.3, 0.2), (48, 1 / 6, 1 / 6), (20, 0.45, 0.25), (64, 0.1, 0.05)])
+def test_power_matches_brute_force(n, psi, d):
+    assert mcnemar_power(n, psi, d) == pytest.approx(_power_ref(n, psi, d), abs=1e-9)
+
+
+def test_mde_issue_numbers_at_the_observed_disagreement():
+    """Issue 19 item 4, n = 48: 16.7 pp needs disagreement >= 1/6 (every discordant question one way); at 30 %
+    disagreement the smallest detectable difference is 22.9 pp, at 50 % 31.2 pp. No best-case floor: below 1/6
+    disagreement nothing is detectable (a difference can never exceed the disagreement)."""
+    assert mcnemar_mde(48, 8 / 48) == pytest.approx(8 / 48)
+    assert mcnemar_mde(48, 0.3) == pytest.approx(11 / 48)   # 22.9 pp
+    assert mcnemar_mde(48, 0.5) == pytest.approx(15 / 48)   # 31.2 pp
+    for psi in (0.0, 0.05, 0.1, 7 / 48):
+        assert mcnemar_mde(48, psi) is None
+    # the old best case (disagreement floored at the difference) claimed 16.7 pp at any disagreement <= 1/6
+    assert mcnemar_power(48, 0.1, 0.1) < 0.8
+
+
+@pytest.mark.parametrize("n,psi", [(16, 0.5), (20, 0.45), (48, 0.25), (48, 0.3), (30, 0.7), (12, 1.0), (48, 0.1)])
+def test_mde_matches_brute_force(n, psi):
+    ref = _mde_ref(n, psi)
+    got = mcnemar_mde(n, psi)
+    assert got == (None if ref is None else pytest.approx(ref, abs=1e-12))
+
+
+def test_mde_monotone_in_n_and_disagreement():
     # more questions detect smaller differences; more disagreement needs larger ones
-    assert mcnemar_mde(200, 0.2) < mcnemar_mde(48, 0.2)
-    assert mcnemar_mde(100, 0.4) > mcnemar_mde(100, 0.1)
+    assert mcnemar_mde(200, 0.2) < mcnemar_mde(64, 0.3)
+    assert mcnemar_mde(100, 0.4) > mcnemar_mde(100, 0.2)
+    with pytest.raises(ValueError):
+        mcnemar_mde(48, 1.5)
 
 
-def test_mde_known_value_all_discordant_one_way():
-    # psi floored at d: every discordant pair goes the better model's way; with n = 16, 8 wins out of 8 give
-    # p = 2 / 2^8 < 0.05 for sure only when M >= 6 is (almost) certain — the exact search says 8/16
-    assert mcnemar_mde(16, 0.0) == 0.5
+def test_sample_size_is_the_smallest_n():
+    for d, psi in [(0.2, 0.3), (0.1, 0.3), (1 / 6, 1 / 6), (0.05, 0.1)]:
+        n = mcnemar_sample_size(d, psi)
+        assert mcnemar_power(n, psi, d) >= 0.8
+        assert mcnemar_power(n - 1, psi, d) < 0.8
+    # consistent with the mde: 48 questions at 30 % disagreement detect 11/48 but not 10/48
+    assert mcnemar_sample_size(11 / 48, 0.3) <= 48 < mcnemar_sample_size(10 / 48, 0.3)
+    # near Connor's normal approximation for a small difference
+    from scipy.stats import norm
+
+    d, psi = 0.05, 0.2
+    connor = (norm.ppf(0.975) * math.sqrt(psi) + norm.ppf(0.8) * math.sqrt(psi - d * d)) ** 2 / d ** 2
+    assert connor <= mcnemar_sample_size(d, psi) <= 1.1 * connor  # the exact test is a little conservative
+    with pytest.raises(ValueError):
+        mcnemar_sample_size(0.4, 0.3)
+
+
+def _holm_ref(ps):
+    """Holm from the definition: the i-th smallest p (1-based) rejects at level a while p_(j) <= a / (m - j + 1) for
+    every j <= i; its adjusted p is the smallest such a, i.e. max over j <= i of (m - j + 1) p_(j), capped at 1."""
+    m = len(ps)
+    srt = sorted(ps.items(), key=lambda kv: (kv[1], kv[0]))
+    return {k: min(1.0, max((m - j) * srt[j][1] for j in range(i + 1))) for i, (k, _) in enumerate(srt)}
+
+
+@pytest.mark.parametrize("ps", [{"a": 0.01, "b": 0.04, "c": 0.03}, {"a": 0.5}, {"a": 0.2, "b": 0.2, "c": 0.001},
+                                {"x": 0.0, "y": 1.0}, {}, {"a": 0.011, "b": 0.02, "c": 0.04, "d": 0.9}])
+def test_holm_matches_definition(ps):
+    assert holm(ps) == pytest.approx(_holm_ref(ps), abs=1e-15)
+
+
+def test_holm_known_values():
+    # statsmodels.stats.multitest.multipletests([0.01, 0.04, 0.03], method="holm")[1] == [0.03, 0.06, 0.06]
+    assert holm({"a": 0.01, "b": 0.04, "c": 0.03}) == pytest.approx({"a": 0.03, "b": 0.06, "c": 0.06})
+    adj = holm({"a": 0.01, "b": 0.02, "c": 0.04})
+    assert [adj[k] <= 0.05 for k in "abc"] == [True, True, True]  # 0.01<=0.05/3, 0.02<=0.05/2, 0.04<=0.05
+    with pytest.raises(ValueError):
+        holm({"a": 1.5})
 
 
 def test_paired_comparison_reports_mde():
