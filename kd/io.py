@@ -21,7 +21,9 @@ from kd.errors import ArtefactError, KdError
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed onto `path` (file or dir)."""
-    path = Path(path)
+    from kd.guard import guard
+
+    path = Path(guard(path))  # inside the project after symlinks, or an absolute place named outside it
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)) / path.name
@@ -38,6 +40,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def remove_tree(path: str | os.PathLike) -> None:
+    """Delete a work folder kd made: through the path guard, so a planted symlink never leads a delete outside."""
+    from kd.guard import guard
+
+    shutil.rmtree(guard(path, what="delete"), ignore_errors=True)
 
 
 _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
