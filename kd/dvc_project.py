@@ -96,7 +96,10 @@ def make_copy(src: Path, dest: Path, profile: str | None = "tiny", env: dict[str
     repo with one commit (dvclive wants one) and an empty DVC cache inside the copy."""
     env = env or tool_env()
     dest.mkdir(parents=True, exist_ok=True)
-    for name in project_files(src):
+    from kd.guard import VALIDATED
+
+    # stage outputs are not copied, except stage validate's: committed, as a clone has it (stages/validate.py)
+    for name in [*project_files(src), *([str(VALIDATED)] if (src / VALIDATED).is_file() else [])]:
         (dest / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src / name, dest / name)
     if params is not None:

@@ -166,9 +166,17 @@ class StrictSafeLoader(yaml.SafeLoader):
 def read_yaml(path: str | os.PathLike, missing: str) -> Any:
     """Parse a hand-written YAML file strictly (safe types only, no aliases, no duplicate keys, at most 1 MiB).
     Every problem is one KdError line naming the file, line and column. `missing`: what to do when it is absent."""
+    import stat
+
     path = Path(path)
-    if not path.is_file():
-        raise KdError(f"{path}: {'is not a file' if path.exists() else 'missing'} ({missing})")
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        raise KdError(f"{path}: missing ({missing})") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+                else "a device or socket")
+        raise KdError(f"{path}: is {kind}, not a regular file ({missing})")
     if path.stat().st_size > YAML_MAX_BYTES:
         raise KdError(f"{path}: {path.stat().st_size} bytes; a config file may be at most {YAML_MAX_BYTES} bytes")
     try:

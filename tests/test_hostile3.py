@@ -282,3 +282,66 @@ def test_a_killed_kd_repro_keeps_the_lock_until_dvc_ends_and_its_snapshot_is_cle
     res = sub(proj, "-m", "kd.cli", "repro", "--dry")
     assert "removed 1 snapshot(s)" in res.stdout, res.stdout + res.stderr
     assert not list((proj / ".dvc/tmp").glob(".kd-repro-*.tmp"))
+
+
+# ------------------------------------------------------------------------------------------ values (theme 6)
+
+
+def _tiny_params() -> dict:
+    from kd.profiles import load as load_profile
+
+    return load_profile("tiny", ROOT)
+
+
+def _edit(p: dict, dotted: str, value) -> dict:
+    node = p
+    *path, last = dotted.split(".")
+    for k in path:
+        node = node[k]
+    node[last] = value
+    return p
+
+
+@pytest.mark.parametrize("key,value,fragment", [
+    ("temperature", 1e-300, "[0.01, 100.0]"),                       # passed, then distill's loss was not finite
+    ("compute.processes", 4096, "CPU cores"),                        # passed on a 2-core machine
+    ("prompting.file", "/proc/self/environ", "not a path inside the project"),
+    ("prompting.file", "../strategies.yaml", "not a path inside the project"),
+])
+def test_values_that_used_to_fail_later_are_refused_naming_the_key(key, value, fragment):
+    from kd.errors import ParamError
+    from kd.params import validate
+
+    with pytest.raises(ParamError) as e:
+        validate(_edit(_tiny_params(), key, value), root=ROOT)
+    assert f"`{key}`" in str(e.value) and fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_yaml_1_2_floats_written_as_text_are_numbers(tmp_path):
+    """`lr: 1e-4` in params.yaml: PyYAML reads a string, YAML 1.2 / DVC / people read a number."""
+    from kd.params import validate
+
+    p = validate(_edit(_tiny_params(), "distill.lr", "1e-4"), root=ROOT)
+    assert p["distill"]["lr"] == 1e-4
+    (tmp_path / "params.yaml").write_text("x: 1e-4\n")
+    assert isinstance(yaml.safe_load((tmp_path / "params.yaml").read_text())["x"], str)  # why it is needed
+
+
+def test_a_fifo_as_prompting_file_is_one_line(tmp_path):
+    from kd.params import validate
+
+    os.mkfifo(tmp_path / "strategies.yaml")
+    with pytest.raises(KdError, match="FIFO") as e:
+        validate(_tiny_params(), root=tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def test_the_largest_seed_seeds_optuna():
+    import optuna
+
+    from kd.tune_trials import seed_sampler
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study()
+    for _ in range(2):
+        seed_sampler(study.ask(), 2**32 - 1)  # seed + trial number used to pass numpy's 2**32 - 1 limit
