@@ -345,3 +345,67 @@ def test_the_largest_seed_seeds_optuna():
     study = optuna.create_study()
     for _ in range(2):
         seed_sampler(study.ask(), 2**32 - 1)  # seed + trial number used to pass numpy's 2**32 - 1 limit
+
+
+def test_an_invalid_dvc_lock_is_one_line_naming_it(tmp_path):
+    from kd.dvc_project import read_lock
+
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages: [\n")
+    with pytest.raises(KdError, match=r"dvc.lock: not valid YAML \(line \d+, column \d+\); put back") as e:
+        read_lock(tmp_path)
+    assert "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------ fuzz: dvc exp run -S
+
+
+def _leaf_keys(d: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        out += _leaf_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+    return out
+
+
+HOSTILE_VALUES = ["nan", "-1", "1e999", "0", "'../../outside'", "[]", "'{}'", "true", "'x'", "-0.0", "99999999999",
+                  "'/proc/self/environ'", "'[none,../prepared]'", "null", "1e-300"]
+
+
+@pytest.mark.slow
+def test_exp_run_with_any_refused_value_deletes_nothing(proj):
+    """`dvc exp run -S key=value` for every param key, with generated hostile values: each value kd refuses stops the
+    run at stage validate, in one line naming the key (or the file it names), and every output keeps its bytes (the
+    fixture compares digests, and that nothing outside the project changed)."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from kd.params import validate
+
+    keys = [k for k in _leaf_keys(yaml.safe_load((proj / "params.yaml").read_text()))
+            if not k.startswith("prompting.strategies")]  # DVC's own checkout handles it first: docs/threat-model.md
+    original = (proj / "params.yaml").read_bytes()
+    lock = read_lock(proj)
+
+    @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(key=st.sampled_from(keys), value=st.sampled_from(HOSTILE_VALUES))
+    def case(key, value):
+        (proj / "params.yaml").write_bytes(original)
+        edited = _edit(yaml.safe_load(original), key, yaml.safe_load(value))
+        try:
+            validate(edited, root=proj)
+            return  # a valid value: nothing to refuse (running it would run the stages)
+        except KdError:
+            pass
+        res = dvc(proj, "exp", "run", "-S", f"{key}={value}")
+        out = res.stdout + res.stderr
+        assert res.returncode != 0, out[-2000:]
+        errors = [x for x in out.splitlines() if x.startswith("error: ")]
+        assert len(errors) == 1, out[-2000:]
+        leaf = key.rsplit(".", 1)[-1]
+        assert leaf in errors[0] or key.split(".")[0] in errors[0] or "yaml" in errors[0], errors[0]
+        assert "Running stage 'validate'" in out and out.count("Running stage") == 1, out[-2000:]
+        assert read_lock(proj) == lock
+
+    try:
+        case()
+    finally:
+        (proj / "params.yaml").write_bytes(original)
