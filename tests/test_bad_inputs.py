@@ -374,7 +374,7 @@ def test_validator_names_the_key_of_any_bad_value(key, value):
 def test_validator_ranges(alpha, temperature, r, top_k):
     p = _set(_set(_set(_set(TINY, "alpha", alpha), "temperature", temperature), "distill.lora.r", r),
              "logits.top_k", top_k)
-    bad = [k for k, ok in (("alpha", 0 <= alpha <= 1), ("temperature", 0 < temperature <= 100),
+    bad = [k for k, ok in (("alpha", 0 <= alpha <= 1), ("temperature", 0.01 <= temperature <= 100),
                            ("logits.top_k", 1 <= top_k <= 10**7), ("distill.lora.r", 1 <= r <= 4096)) if not ok]
     if not bad:
         validate(p, root=ROOT)
