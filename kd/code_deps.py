@@ -13,7 +13,8 @@ import yaml
 # way for every stage. Declaring them everywhere would make any edit to them re-run the whole (hours-long) pipeline;
 # their behaviour is pinned by the unit tests and by `kd verify`'s two-run comparison instead.
 # kd/names.py only accepts or refuses a name (it never changes an output), like params.py's validation.
-CODE_DEPS_OK = {"kd/__init__.py", "kd/errors.py", "kd/io.py", "kd/params.py", "kd/cli_util.py", "kd/names.py"}
+CODE_DEPS_OK = {"kd/__init__.py", "kd/errors.py", "kd/io.py", "kd/params.py", "kd/cli_util.py", "kd/names.py",
+                "kd/guard.py"}
 # Per stage: modules its imports reach that cannot change its output (module -> why). Empty: every stage declares
 # exactly what it imports.
 STAGE_CODE_DEPS_OK: dict[str, dict[str, str]] = {}

@@ -96,7 +96,10 @@ def make_copy(src: Path, dest: Path, profile: str | None = "tiny", env: dict[str
     repo with one commit (dvclive wants one) and an empty DVC cache inside the copy."""
     env = env or tool_env()
     dest.mkdir(parents=True, exist_ok=True)
-    for name in project_files(src):
+    from kd.guard import VALIDATED
+
+    # stage outputs are not copied, except stage validate's: committed, as a clone has it (stages/validate.py)
+    for name in [*project_files(src), *([str(VALIDATED)] if (src / VALIDATED).is_file() else [])]:
         (dest / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src / name, dest / name)
     if params is not None:
@@ -147,7 +150,16 @@ def read_lock(root: Path) -> dict[str, dict]:
     path = root / "dvc.lock"
     if not path.exists():
         raise VerifyError(f"{path}: missing (did `dvc repro` run?)")
-    return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("stages", {})
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise VerifyError(f"{path}: not valid YAML{where}; put back the committed one (`git checkout dvc.lock`) "
+                          "or re-run the stages it records (`dvc repro`)") from None
+    if not isinstance(data, dict) or not isinstance(data.get("stages", {}), dict):
+        raise VerifyError(f"{path}: not a DVC lock file (no `stages:` mapping); `git checkout dvc.lock` puts it back")
+    return data.get("stages", {})
 
 
 def stale_stages(root: Path) -> set[str]:

@@ -21,7 +21,9 @@ from kd.errors import ArtefactError, KdError
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed onto `path` (file or dir)."""
-    path = Path(path)
+    from kd.guard import guard
+
+    path = Path(guard(path))  # inside the project after symlinks, or an absolute place named outside it
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)) / path.name
@@ -38,6 +40,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def remove_tree(path: str | os.PathLike) -> None:
+    """Delete a work folder kd made: through the path guard, so a planted symlink never leads a delete outside."""
+    from kd.guard import guard
+
+    shutil.rmtree(guard(path, what="delete"), ignore_errors=True)
 
 
 _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
@@ -157,9 +166,17 @@ class StrictSafeLoader(yaml.SafeLoader):
 def read_yaml(path: str | os.PathLike, missing: str) -> Any:
     """Parse a hand-written YAML file strictly (safe types only, no aliases, no duplicate keys, at most 1 MiB).
     Every problem is one KdError line naming the file, line and column. `missing`: what to do when it is absent."""
+    import stat
+
     path = Path(path)
-    if not path.is_file():
-        raise KdError(f"{path}: {'is not a file' if path.exists() else 'missing'} ({missing})")
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        raise KdError(f"{path}: missing ({missing})") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+                else "a device or socket")
+        raise KdError(f"{path}: is {kind}, not a regular file ({missing})")
     if path.stat().st_size > YAML_MAX_BYTES:
         raise KdError(f"{path}: {path.stat().st_size} bytes; a config file may be at most {YAML_MAX_BYTES} bytes")
     try:

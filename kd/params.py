@@ -7,6 +7,7 @@ below; a bad value raises ParamError naming the dotted key (pydantic's error loc
 from __future__ import annotations
 
 import math
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
@@ -25,6 +26,9 @@ TUNE_OBJECTIVES = ["accuracy", "nll"]  # kd tune: validation strict accuracy (lm
 SHARDINGS = ["ddp", "fsdp"]  # compute.sharding: how distill@* spreads the student over processes (kd/sharding.py)
 QUANTIZATIONS = ["bnb-4bit", "bnb-8bit"]  # load-time bitsandbytes quantization (teacher; student: kd/qlora.py)
 PRIMARY_METRICS = ["strict", "flexible"]  # report.primary_metric: lm-eval gsm8k strict-match | flexible-extract
+# A float as YAML 1.2 (and so DVC, `dvc exp run -S lr=1e-4`) reads it; PyYAML (YAML 1.1) leaves `1e-4` a string
+YAML12_FLOAT = re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$")
+MIN_TEMPERATURE = 0.01  # logits / T stays far inside float range (|logits| < 1e4 -> 1e6) and T**2 far from underflow
 SOURCE_RE = re.compile(r"^(hub:\S+|jsonl:\S+|pypi:[A-Za-z0-9_.\-]+(==\S+)?)$")
 
 
@@ -51,6 +55,8 @@ def _float(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -
     desc = f"a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
 
     def check(v):
+        if isinstance(v, str) and YAML12_FLOAT.match(v.strip()):  # `1e-4`: a number to YAML 1.2, DVC and users
+            v = float(v)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise Bad(f"must be a finite number, got {v!r}", desc)
         v = float(v)
@@ -77,6 +83,16 @@ def _bool(v):
 def _str(v):
     if not isinstance(v, str) or not v.strip():
         raise Bad(f"must be a non-empty string, got {v!r}")
+    return v
+
+
+def _project_file(v):
+    """A file a stage reads: a relative path inside the project, so that dvc.yaml can declare it as a dep."""
+    v = _str(v)
+    p = Path(v)
+    if p.is_absolute() or ".." in p.parts or v.startswith("~"):
+        raise Bad(f"is {v!r}, not a path inside the project",
+                  "a relative path such as strategies.yaml (DVC tracks it as a dep of the stages that read it)")
     return v
 
 
@@ -164,7 +180,7 @@ class Prepare(Section):
 
 class Prompting(Section):
     strategies: F(list[str], _strategy_list)
-    file: F(str, _str)
+    file: F(str, _project_file)
     instruction: F(str, _instruction)
 
 
@@ -239,7 +255,7 @@ class Pruner(Section):
 
 class Space(Section):
     alpha: F(list[float], _interval(0.0, 1.0))
-    temperature: F(list[float], _interval(0.0, 100.0, positive=True))
+    temperature: F(list[float], _interval(MIN_TEMPERATURE, 100.0, positive=True))
     lr: F(Optional[list[float]], _optional(_interval(0.0, 10.0, positive=True)))
     lora_r: F(Optional[list[int]], _optional(_int_choices(1, 4096)))
 
@@ -262,7 +278,7 @@ class Params(Section):
     profile: F(Optional[str], _optional(_str)) = None
     seed: F(int, _int(0, 2**32 - 1))
     alpha: F(float, _float(0.0, 1.0))
-    temperature: F(float, _float(0.0, 100.0, lo_open=True))
+    temperature: F(float, _float(MIN_TEMPERATURE, 100.0))
     prepare: Prepare
     prompting: Prompting
     teacher: Teacher
@@ -349,6 +365,10 @@ def config(data: Any, root: str | Path = ".") -> Params:
                          f"sgd, not student.quantization {c.student.quantization} / distill.optimizer "
                          f"{c.distill.optimizer}",
                          "ddp, or fsdp with student.quantization null and distill.optimizer sgd")
+    cores = os.cpu_count() or 1
+    if c.compute.processes > cores:
+        raise ParamError("compute.processes", f"is {c.compute.processes}, more than this machine's {cores} CPU cores",
+                         f"1 to {cores} here (one process per core or device)")
     if c.tune.strategy not in c.prompting.strategies:
         raise ParamError("tune.strategy", f"is {c.tune.strategy!r}, not one of prompting.strategies",
                          ", ".join(c.prompting.strategies))

@@ -5,15 +5,20 @@ ones can be restored with `dvc checkout`, the `cache: false` ones, metrics and r
 first runs `preflight` (params, strategies, model specs, a local dataset, tokenizers of materialised models: each
 a cheap check that names the key or file), snapshots every stage output (hard links + sha256), and only then runs
 `dvc repro`; if a stage still fails, every stage that did not complete gets its outputs back byte for byte
-(verified by hash; anything that could not be restored is named), consistent with dvc.lock. A file lock keeps a
-second `kd repro` from snapshotting or restoring under a running one.
+(verified by hash; anything that could not be restored is named), consistent with dvc.lock. An interrupt (Ctrl-C,
+SIGTERM, SIGHUP) is passed to DVC and then restores the same way. A file lock, held by the `dvc repro` process too,
+keeps a second `kd repro` from snapshotting or restoring under a running one, even after `kd repro` was killed; the
+snapshots such a killed run leaves are removed by the next one. Every path goes through kd/guard.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
+import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -23,6 +28,7 @@ from typing import Callable
 
 from kd.dvc_project import read_lock, stage_outputs, tool_env
 from kd.errors import KdError
+from kd.guard import KD_TMP, check_layout, guard
 from kd.preflight import preflight
 
 
@@ -102,7 +108,7 @@ def restore_outputs(root: Path, snap: Snapshot, lock_before: dict, lock_after: d
                 failed.append(f"{out}: {broken[0]} was overwritten in place during the run")
                 continue
             try:
-                dst = root / out
+                dst = guard(root / out, root, "restore")
                 if dst.is_dir() and not dst.is_symlink():
                     shutil.rmtree(dst)
                 elif dst.exists() or dst.is_symlink():
@@ -122,59 +128,132 @@ def restore_outputs(root: Path, snap: Snapshot, lock_before: dict, lock_after: d
     return restored, failed
 
 
+LOCK_NAME = "kd-repro.lock"
+SNAP_PREFIX = ".kd-repro-"
+_OURS = re.compile(r"\A(pid \d+[^\n]{0,200}\n?)?\Z")  # what kd writes into its lock file, and nothing else
+
+
 @contextlib.contextmanager
 def repro_lock(root: Path):
-    """One `kd repro` per project at a time: a second one would snapshot or restore files under a running stage.
-    An OS file lock (fcntl): released by the kernel if the holder dies, so a killed run never leaves it stuck."""
+    """One `kd repro` per project at a time: a second one would snapshot or restore files under a running one.
+    An OS file lock (fcntl.flock) on .dvc/tmp/kd-repro.lock, opened without following a link (O_NOFOLLOW) and never
+    truncated unless it holds only what kd writes there. Yields the file descriptor: `repro` passes it to the
+    `dvc repro` process, so the lock is held as long as DVC runs, even when `kd repro` itself is killed."""
     import fcntl
 
-    path = root / ".dvc" / "tmp" / "kd-repro.lock" if (root / ".dvc").is_dir() else root / ".kd-repro.lock"
+    base = root / KD_TMP if (root / ".dvc").is_dir() else root
+    path = base / LOCK_NAME if base != root else root / ".kd-repro.lock"
+    guard(path, root, "lock")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise KdError(f"{path}: cannot open kd's lock file ({e.strerror}); a symlink there is refused: remove it"
+                      ) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size > 256:
+            raise KdError(f"{path}: not kd's lock file (a {'hard-linked ' if st.st_nlink != 1 else ''}file kd did not "
+                          "write); remove it and re-run")
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
+            holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip() or "another process"
             raise KdError(f"another `kd repro` is running in {root} ({holder}); wait for it to finish") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()}\n")
-        f.flush()
+        if not _OURS.match(os.pread(fd, 257, 0).decode("utf-8", "replace")):
+            raise KdError(f"{path}: not kd's lock file (holds text kd did not write); remove it and re-run")
+        _note(fd, f"pid {os.getpid()} (kd repro)")
         try:
-            yield
+            yield fd
         finally:
-            f.seek(0)
-            f.truncate()
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            _note(fd, "")
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _note(fd: int, text: str) -> None:
+    """Who holds the lock, for the message a second `kd repro` prints (the file only ever holds this line)."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (text + "\n").encode() if text else b"", 0)
+
+
+def clean_stale_snapshots(root: Path) -> list[str]:
+    """Snapshots left by a `kd repro` that was killed (SIGKILL, power loss): called under the lock, so no running
+    `kd repro` owns them. Returns their names."""
+    base = root / KD_TMP
+    gone = []
+    for d in sorted(base.glob(SNAP_PREFIX + "*.tmp")) if base.is_dir() else []:
+        if d.is_dir() and not d.is_symlink():
+            shutil.rmtree(guard(d, root, "delete"), ignore_errors=True)
+            gone.append(d.name)
+    return gone
+
+
+_STOP = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _run_dvc(cmd: list[str], root: Path, env: dict[str, str], lock_fd: int) -> tuple[int, int | None]:
+    """`dvc repro` in its own process group, holding the lock's descriptor. SIGINT / SIGTERM / SIGHUP to `kd repro`
+    (Ctrl-C in the terminal reaches only `kd repro`'s group) are passed to DVC's whole group, then `kd repro` waits
+    for it to stop (SIGKILL after 60 s) so that the restore runs over a quiet project. Returns (exit code, signal)."""
+    got: list[int] = []
+    proc = subprocess.Popen(cmd, cwd=root, env=env, pass_fds=(lock_fd,), process_group=0)
+    _note(lock_fd, f"pid {os.getpid()} (kd repro), dvc repro pid {proc.pid}")
+
+    def forward(signum, _frame):
+        got.append(signum)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signum)
+
+    saved = {s: signal.signal(s, forward) for s in _STOP}
+    try:
+        while True:
+            try:
+                code = proc.wait(timeout=60 if got else None)
+                break
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+    return code, (got[0] if got else None)
 
 
 def repro(root: Path, dvc_args: list[str], echo: Callable[[str], None] = print,
           env: dict[str, str] | None = None) -> int:
-    """`kd repro`: preflight, snapshot every stage output, `dvc repro *dvc_args`; after a failure put back, byte
-    for byte, the outputs of every stage that did not complete, and say exactly what could not be put back."""
+    """`kd repro`: preflight, snapshot every stage output, `dvc repro *dvc_args`; after a failure or an interrupt
+    (SIGINT, SIGTERM, SIGHUP) put back, byte for byte, the outputs of every stage that did not complete, and say
+    exactly what could not be put back. Exit code: DVC's, or 128 + the signal after an interrupt."""
     root = Path(root).resolve()
-    with repro_lock(root):
+    check_layout(root)  # no output, work or lock location leads outside the project (before the lock opens)
+    with repro_lock(root) as lock_fd:
+        stale = clean_stale_snapshots(root)
+        if stale:
+            echo(f"kd repro: removed {len(stale)} snapshot(s) a killed `kd repro` left in {KD_TMP}")
         preflight(root)
         echo("kd repro: params, strategies, data and models check out; running dvc repro")
         env = env or tool_env()
         lock_before = read_lock(root) if (root / "dvc.lock").exists() else {}
-        tmp_parent = root / ".dvc" / "tmp" if (root / ".dvc" / "tmp").is_dir() else None
-        snap_dir = Path(tempfile.mkdtemp(prefix=".kd-repro-", suffix=".tmp", dir=tmp_parent))
+        tmp_parent = root / KD_TMP if (root / KD_TMP).is_dir() else None
+        snap_dir = Path(tempfile.mkdtemp(prefix=SNAP_PREFIX, suffix=".tmp", dir=tmp_parent))
         try:
             snap = take_snapshot(root, snap_dir)
             # DVC's CLI with the workaround for its crash on dry runs over not-yet-produced deps (kd/dvc_compat.py)
-            res = subprocess.run([sys.executable, "-m", "kd.dvc_compat", "repro", *dvc_args], cwd=root, env=env)
-            if res.returncode == 0:
+            code, sig = _run_dvc([sys.executable, "-m", "kd.dvc_compat", "repro", *dvc_args], root, env, lock_fd)
+            if code == 0 and sig is None:
                 return 0
             lock_after = read_lock(root) if (root / "dvc.lock").exists() else {}
             restored, failed = restore_outputs(root, snap, lock_before, lock_after)
-            msg = f"kd repro: `dvc repro` failed (exit {res.returncode}); "
+            what = (f"interrupted ({signal.Signals(sig).name})" if sig is not None
+                    else f"`dvc repro` failed (exit {code})")
+            msg = f"kd repro: {what}; "
             msg += (f"restored the previous outputs, byte for byte (sha256 checked): {', '.join(restored)}"
                     if restored else "every output of the stages that did not finish is as it was")
             echo(msg)
             if failed:
                 echo("kd repro: could NOT restore: " + "; ".join(failed))
-            return res.returncode
+            return 128 + sig if sig is not None else code
         finally:
             shutil.rmtree(snap_dir, ignore_errors=True)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from kd.errors import ArtefactError
-from kd.io import atomic_path, sha256_bytes, sha256_file, save_safetensors, write_json
+from kd.io import atomic_path, remove_tree, sha256_bytes, sha256_file, save_safetensors, write_json
 
 MANIFEST = "manifest.json"
 # `hidden` assumes logits = h · W_outᵀ. Models whose head scales or soft-caps the logits break that; refuse them.
@@ -211,7 +210,7 @@ def record_signal(model, model_dir: str | Path, responses: list[dict], out_dir: 
             tmp.mkdir()
             manifest = write_signal(model, responses, fmt, top_k, shard_rows, tmp, meta, work_dir, shard, sync,
                                     bar.update)
-    shutil.rmtree(work_dir, ignore_errors=True)
+    remove_tree(work_dir)
     return manifest, manifest["recompute_max_abs_diff"]
 
 

@@ -7,14 +7,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Callable
 
 from kd.distill import Checkpoint, Example, summarise, train
 from kd.errors import KdError
-from kd.io import atomic_path, sha256_file, write_json
+from kd.io import atomic_path, remove_tree, sha256_file, write_json
 from kd.sharding import trainable_state
 
 
@@ -152,7 +151,7 @@ def run_training(name: str, model, examples: list[Example],
                "val_nll_before": val_before,
                "val_nll_after": history[-1].get("val_nll") if history else None, **(extra or {})}
     write_json(metrics_path, summary)
-    shutil.rmtree(work_dir, ignore_errors=True)
+    remove_tree(work_dir)
     print(f"{name}: {summary['steps']} steps over {len(examples)} examples ({summary['response_tokens']} target "
           f"tokens), final loss {summary['final_loss']:.4f} (ce {summary['final_ce']:.4f}, kd "
           f"{summary['final_kd']:.5f}), {time.time() - t0:.1f} s")

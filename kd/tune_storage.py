@@ -31,7 +31,14 @@ def open_storage(url: str, heartbeat: int, root: Path = Path(".")):
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             db = Path(parsed.database)
-            db = db if db.is_absolute() else Path(root) / db
+            if not db.is_absolute():  # relative: inside the project, after symlinks (kd/guard.py); absolute: as named
+                from kd.guard import guard
+
+                try:
+                    guard(db, root, "create a database in")
+                except KdError as e:
+                    raise KdError(f"tune.storage: {url!r}: {e}") from None
+                db = Path(root) / db
             db.parent.mkdir(parents=True, exist_ok=True)
             url = parsed.set(database=str(db)).render_as_string(hide_password=False)
         # several processes write one file: wait for the lock instead of failing after SQLite's default 5 s

@@ -25,7 +25,7 @@ def seed_sampler(trial, seed: int) -> None:
     the same points)."""
     import optuna
 
-    trial.study.sampler = optuna.samplers.TPESampler(seed=seed + trial.number)
+    trial.study.sampler = optuna.samplers.TPESampler(seed=(seed + trial.number) % 2**32)  # numpy's range
 
 
 def suggest(trial, p: dict) -> dict:

@@ -2,7 +2,6 @@
 
 import kd.portable; kd.portable.apply()  # noqa: E702 - compute.portable: ISA caps, before torch loads
 
-import shutil
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from kd import launch
 from kd.cli_util import run_stage
 from kd.environment import record_environment
 from kd.generate import fingerprint, run_generation, summarize
-from kd.io import read_jsonl, write_json, write_jsonl
+from kd.io import read_jsonl, remove_tree, write_json, write_jsonl
 from kd.loading import load_model, load_tokenizer
 from kd.names import stage_arg
 from kd.params import load_params
@@ -49,7 +48,7 @@ def main(strategy):
     write_jsonl(f"data/teacher/{strategy}/responses.jsonl", out)
     write_json(f"results/teacher/{strategy}.json", metrics)
     record_environment(f"teacher-{strategy}")  # environment/teacher-<s>.json: the lineage beyond params + code
-    shutil.rmtree(work, ignore_errors=True)
+    remove_tree(work)
     dt, tokens = time.time() - t0, metrics["mean_response_tokens"] * metrics["n"]
     print(f"teacher@{strategy}: {metrics['n']} responses, {tokens:.0f} tokens, {tokens / dt:.1f} tok/s, {dt:.1f} s; "
           f"accuracy strict {metrics['accuracy_strict']:.3f} flexible {metrics['accuracy_flexible']:.3f}")

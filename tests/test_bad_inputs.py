@@ -184,8 +184,8 @@ CASES = [
     Case("alpha-above-1", setp("alpha", 1.5), D, ("`alpha`", "out of range", "allowed: a number in [0.0, 1.0]")),
     Case("alpha-negative", setp("alpha", -0.1), D, ("`alpha`", "[0.0, 1.0]")),
     Case("alpha-not-a-number", setp("alpha", "high"), D, ("`alpha`", "finite number", "'high'")),
-    Case("temperature-zero", setp("temperature", 0), D, ("`temperature`", "allowed: a number in (0.0, 100.0]")),
-    Case("temperature-negative", setp("temperature", -2.0), D, ("`temperature`", "(0.0, 100.0]")),
+    Case("temperature-zero", setp("temperature", 0), D, ("`temperature`", "allowed: a number in [0.01, 100.0]")),
+    Case("temperature-negative", setp("temperature", -2.0), D, ("`temperature`", "[0.01, 100.0]")),
     Case("temperature-nan", setp("temperature", math.nan), D, ("`temperature`", "finite number")),
     Case("temperature-inf", setp("temperature", math.inf), D, ("`temperature`", "finite number")),
     Case("top-k-zero", setp("logits.top_k", 0), L, ("`logits.top_k`", "an integer in [1, 10000000]")),
@@ -377,7 +377,7 @@ def test_validator_names_the_key_of_any_bad_value(key, value):
 def test_validator_ranges(alpha, temperature, r, top_k):
     p = _set(_set(_set(_set(TINY, "alpha", alpha), "temperature", temperature), "distill.lora.r", r),
              "logits.top_k", top_k)
-    bad = [k for k, ok in (("alpha", 0 <= alpha <= 1), ("temperature", 0 < temperature <= 100),
+    bad = [k for k, ok in (("alpha", 0 <= alpha <= 1), ("temperature", 0.01 <= temperature <= 100),
                            ("logits.top_k", 1 <= top_k <= 10**7), ("distill.lora.r", 1 <= r <= 4096)) if not ok]
     if not bad:
         validate(p, root=ROOT)
