@@ -246,6 +246,25 @@ def select_targets(strategy):
     click.echo(sel["decision"])
 
 
+@select.command("recipe")
+@click.argument("strategy")
+def select_recipe(strategy):
+    """Distil one student per candidate optimiser and learning rate (then the best one with more epochs) on
+    STRATEGY's transfer responses and compare their validation gold NLL (kd/select_recipe.py). Needs
+    `dvc repro logits@STRATEGY model@student`."""
+    from kd.params import load_params
+    from kd.select_recipe import select_recipe as run
+
+    p = load_params()
+    if strategy not in p["prompting"]["strategies"]:
+        raise KdError(f"strategy {strategy!r} is not in prompting.strategies "
+                      f"(allowed: {', '.join(p['prompting']['strategies'])})")
+    sel = run(p, Path.cwd(), strategy, echo=click.echo)
+    b = sel["best"]
+    click.echo(f"{sel['decision']}\nset distill.optimizer: {b['optimizer']}, distill.lr: {b['lr']}, "
+               f"distill.epochs: {b['epochs']}")
+
+
 @cli.command()
 @click.option("--trials", "n_trials", type=click.IntRange(1), default=None,
               help="Finished trials the study should hold (default: params tune.n_trials).")

@@ -39,6 +39,7 @@ from torch import nn
 GQA = "kd_gqa"
 ROWS = 32  # a decode step's bf16 matmuls run on blocks of exactly this many rows (row_invariant_linears)
 SMALL = 64  # a weight with a side this small (LoRA A/B) is computed row by row (row_invariant_linears)
+_MODE = {"invariant": True}  # set by decoding_kernels for the attention function (registered once, globally)
 
 
 def grouped_query_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -52,6 +53,14 @@ def grouped_query_attention(module, query, key, value, attention_mask, scaling, 
                                       **kwargs)
     kvh, width = key.shape[1], key.shape[-2]
     g = h // kvh  # query head i uses key/value head i // g (repeat_kv's order)
+    if not _MODE["invariant"]:  # compute.decode: batched: every row over the whole padded width, at once
+        qg = query.reshape(b, kvh, g * q, d).float()
+        scores = torch.matmul(qg, key.float().transpose(2, 3)) * scaling  # [B, KVH, G*Q, L]
+        if attention_mask is not None:
+            mask = attention_mask[:, :, :, :width].float()  # [B, 1, Q, L]
+            scores = (scores.view(b, kvh, g, q, -1) + mask[:, :, None]).view(b, kvh, g * q, -1)
+        out = torch.matmul(scores.softmax(dim=-1), value.float())  # [B, KVH, G*Q, D]
+        return out.view(b, h, q, d).transpose(1, 2).contiguous().to(query.dtype), None
     if attention_mask is None:
         valid = [width] * b
     else:
@@ -96,6 +105,31 @@ def _rowwise(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> tor
 
 
 @contextmanager
+def batched_linears(model: nn.Module, rows: int):
+    """compute.decode: batched (the decoder before issue 19): every bf16 CPU nn.Linear on a weight packed once for
+    about `rows` rows, called at whatever row count comes (faster; a row's last bits then depend on the count)."""
+    patched = []
+    if _packable():
+        with torch.no_grad():
+            for mod in model.modules():
+                w = getattr(mod, "weight", None)
+                if type(mod) is not nn.Linear or w is None or w.dtype != torch.bfloat16 or w.device.type != "cpu":
+                    continue
+                packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), rows)
+
+                def forward(x, packed=packed, bias=mod.bias):
+                    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+                mod.forward = forward
+                patched.append(mod)
+    try:
+        yield
+    finally:
+        for mod in patched:
+            del mod.forward
+
+
+@contextmanager
 def row_invariant_linears(model: nn.Module):
     """Every CPU nn.Linear of `model` whose per-row result can be made independent of the row count: in a decode
     step ([B, 1, in]) a bf16 weight, packed once by oneDNN for ROWS rows, runs on blocks of exactly ROWS rows
@@ -131,17 +165,20 @@ def row_invariant_linears(model: nn.Module):
 
 
 @contextmanager
-def decoding_kernels(model: nn.Module):
-    """The kernels above for the duration of a decoding run, on the CPU only."""
+def decoding_kernels(model: nn.Module, rows: int, invariant: bool = True):
+    """The kernels above for the duration of a decoding run, on the CPU only: batch-invariant (`compute.decode:
+    invariant`, the default), or the faster batched ones for about `rows` rows (`compute.decode: batched`)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     before = base.config._attn_implementation
     switch = next(model.parameters()).device.type == "cpu" and before in ("sdpa", "eager")
     if switch:
         _register()
         base.set_attn_implementation(GQA)
+    _MODE["invariant"] = invariant
     try:
-        with row_invariant_linears(model):  # CPU weights only
+        with row_invariant_linears(model) if invariant else batched_linears(model, rows):  # CPU weights only
             yield
     finally:
+        _MODE["invariant"] = True
         if switch:
             base.set_attn_implementation(before)

@@ -8,10 +8,10 @@ their index), so the schedule -- and with it every output -- is a pure function 
 Mechanics, over the plain HF forward (so a peft PeftModel with an *unmerged* LoRA adapter works as is): one
 left-padded DynamicCache for the running rows, an explicit attention mask over its columns and explicit
 position ids (a row's position = its real tokens so far, padding excluded, as HF `generate` computes them).
-Finished rows leave by `index_select` on the batch dimension; new prompts are prefilled on their own and their
-cache is left-padded to the running width (or the running cache to theirs) and concatenated. Columns that
-every row masks are trimmed, so the width stays the longest live row. While it decodes, the model runs on
-kd/cpu_kernels.py's kernels (on the CPU: weights packed once, grouped-query attention), undone afterwards.
+Finished rows leave by `index_select` on the batch dimension; each new prompt is prefilled on its own (its shapes,
+and so its bits, are its own) and its cache is left-padded to the running width (or the running cache to its) and
+concatenated. Columns that every row masks are trimmed, so the width stays the longest live row. While it decodes,
+the model runs on kd/cpu_kernels.py's kernels (on the CPU), undone afterwards.
 
 Why not transformers' own continuous batching (`model.generate_batch`, paged cache, 5.23)? Measured on this
 project's 2-core CPU, tiny float32 teacher, 16 prompts x 40 new tokens: 9.2-13.1 s against 7.8 s for plain
@@ -19,14 +19,13 @@ project's 2-core CPU, tiny float32 teacher, 16 prompts x 40 new tokens: 9.2-13.1
 of the 16 rows matched `generate` greedy token for token. It also accepts only its own attention kernels
 ("paged|sdpa"...), not a peft-wrapped model's forward as is.
 
-Exactness: a row's tokens are those of HF `generate` greedy at batch size 1 up to floating-point
-arithmetic. In float32 they are identical (tests/test_decode.py: both tiny models, batch 1/3/8, rows leaving
-and joining, an unmerged LoRA). In bf16 a padded, batched matmul may round a last bit differently from a
-batch-1 one, which flips a near-tied argmax: tiny bf16 models, 32 chat-templated GSM8K prompts, batch 8, 48
-new tokens: teacher 32/32 rows equal to batch-1 `generate`, student 28/32 (first differing token 0, 0, 7, 7);
-HF `generate` itself at a fixed batch of 8 gets 30/32 and 30/32. Random prompts, 40 tokens, tiny bf16
-teacher at batch 6: 17/24. (`kd bench` reports this agreement for whichever pair it runs on.)
-Outputs are byte-identical run to run: the schedule is deterministic and CPU kernels are.
+Exactness (issue 19): on the CPU the decoder is batch-invariant: a row's tokens do not depend on which rows share its
+batch, on the batch size or on how many prompts are decoded (per-prompt prefills, kd/cpu_kernels.py's row-invariant
+matmuls and per-row attention). tests/test_decode.py checks it in bf16 on a model wide enough to show the effect
+(the decoder before this one changed 3 of 12 rows between batch 1 and 4 there), with and without an unmerged LoRA;
+`kd bench` item 7 checks it on the real pair, with its cost. Against HF `generate` at batch 1 a row is equal up to
+floating-point arithmetic (its kernels differ from ours): in float32 on the tiny models every token is equal
+(tests/test_decode.py). Outputs are byte-identical run to run: the schedule is deterministic and CPU kernels are.
 
 On tiny models a decode step costs the same ~15 ms of per-layer Python overhead whatever the batch, so
 `kd bench` there measures scheduling (fewer steps), not arithmetic; the decode/forward ceiling ratio is
@@ -107,12 +106,15 @@ class _Batch:
 @torch.no_grad()
 def greedy_decode(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, stop_ids: Sequence[int],
                   pad_id: int, batch_size: int, stop_fn: Callable[[list[int]], bool] | None = None,
-                  on_finish: Callable[[int, list[int]], None] | None = None) -> list[list[int]]:
+                  on_finish: Callable[[int, list[int]], None] | None = None,
+                  invariant: bool = True) -> list[list[int]]:
     """Greedy continuation of every prompt (token ids); returns the generated ids per prompt, in input order.
 
     A row ends after emitting a token in `stop_ids` (kept, as `generate` keeps its eos), when `stop_fn(tokens)`
     says so (e.g. a stop string appeared), or at `max_new_tokens`. `on_finish(index, tokens)` is called as
-    each row ends (in a deterministic order). At most `batch_size` rows run at once."""
+    each row ends (in a deterministic order). At most `batch_size` rows run at once. `invariant` (compute.decode:
+    invariant, the default): a row's tokens do not depend on its batch; False (batched): the decoder before issue
+    19, prompts admitted together prefilled in one padded batch, faster kernels whose last bits depend on the batch."""
     if batch_size < 1 or max_new_tokens < 0:
         raise ValueError(f"batch_size must be >= 1 and max_new_tokens >= 0, got {batch_size}, {max_new_tokens}")
     config = _config(model)
@@ -142,10 +144,26 @@ def greedy_decode(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: in
                     logits_to_keep=1)
         return res.logits[:, -1, :].float().argmax(dim=-1).tolist(), res.past_key_values
 
-    with decoding_kernels(model):  # batch-invariant kernels on the CPU (kd/cpu_kernels.py)
+    with decoding_kernels(model, batch_size, invariant):  # on the CPU (kd/cpu_kernels.py)
         while waiting or run.rows:
             free = batch_size - len(run.rows)
-            if waiting and free:
+            if waiting and free and not invariant:  # compute.decode: batched: one padded prefill for all of them
+                new = _Batch()
+                new.rows = [waiting.popleft() for _ in range(min(free, len(waiting)))]
+                width = len(prompts[new.rows[0]])  # longest first: the first is the widest
+                ids = torch.full((len(new.rows), width), pad_id, dtype=torch.long)
+                new.mask = torch.zeros((len(new.rows), width), dtype=torch.long)
+                for r, i in enumerate(new.rows):
+                    n = len(prompts[i])
+                    ids[r, width - n:] = torch.tensor(list(prompts[i]), dtype=torch.long)
+                    new.mask[r, width - n:] = 1
+                ids, new.mask = ids.to(device), new.mask.to(device)
+                pos = (new.mask.cumsum(-1) - 1).clamp(min=0)
+                first, new.cache = forward(ids, new.mask, pos, DynamicCache(config=config))
+                new.pos = new.mask.sum(-1)
+                new.gen = [[t] for t in first]
+                run.join(new, config)
+            elif waiting and free:
                 for _ in range(min(free, len(waiting))):
                     # each prompt is prefilled on its own: its shapes, and so its bits, are its own
                     new = _Batch()
@@ -215,7 +233,7 @@ def lm_eval_generate_until(lm, requests, disable_tqdm: bool = False) -> list[str
 
         outs = greedy_decode(lm.model, prompts, max_new_tokens=max_gen, stop_ids=stop_ids,
                              pad_id=lm.tokenizer.pad_token_id, batch_size=int(lm.batch_size), stop_fn=stop_fn,
-                             on_finish=lambda *_: pbar.update(1))
+                             on_finish=lambda *_: pbar.update(1), invariant=getattr(lm, "kd_invariant", True))
         for i, toks in zip(idxs, outs):
             think = lm.think_end_token
             if isinstance(think, int) and think in toks:

@@ -363,10 +363,10 @@ def evaluate_docs(spec: ModelSpec, rows: Sequence[dict], params: dict, *,
     """Score prepared rows (id/question/gold) with one model. Returns (sample rows, metrics)."""
     from kd.loading import default_device
 
-    ev = params["eval"]
-    limit = ev.get("limit")
+    ev, limit = params["eval"], params["eval"].get("limit")
     docs = build_docs(rows, params["prompting"]["instruction"], spec.prompt)
     lm = _make_lm(spec, ev["batch_size"], device or default_device())
+    lm.kd_invariant = params["compute"]["decode"] == "invariant"  # kd.decode.greedy_decode's mode
     results = run_lm_eval(lm, docs, max_new_tokens=ev["max_new_tokens"], batch_size=ev["batch_size"],
                           limit=limit, seed=params["seed"])
     samples = results["samples"][TASK_NAME]

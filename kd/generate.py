@@ -35,12 +35,16 @@ def chunks(prompts: list[dict], batch_size: int) -> list[list[dict]]:
     return [order[i:i + size] for i in range(0, len(order), size)]
 
 
-def generate_chunk(model, tokenizer, chunk: list[dict], max_new_tokens: int, batch_size: int) -> list[list[int]]:
-    """Greedy responses (eos kept: the student learns to stop) through the continuous-batching decoder."""
+def generate_chunk(model, tokenizer, chunk: list[dict], max_new_tokens: int, batch_size: int,
+                   on_answer: Callable[[int], None] | None = None, invariant: bool = True) -> list[list[int]]:
+    """Greedy responses (eos kept: the student learns to stop) through the continuous-batching decoder;
+    `on_answer(tokens)` as each answer finishes."""
     from kd.decode import greedy_decode
 
     return greedy_decode(model, [p["prompt_ids"] for p in chunk], max_new_tokens=max_new_tokens,
-                         stop_ids=_eos_ids(model, tokenizer), pad_id=tokenizer.pad_token_id, batch_size=batch_size)
+                         stop_ids=_eos_ids(model, tokenizer), pad_id=tokenizer.pad_token_id, batch_size=batch_size,
+                         on_finish=(lambda i, toks: on_answer(len(toks))) if on_answer else None,
+                         invariant=invariant)
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -53,10 +57,12 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 def run_generation(model, tokenizer, rows: list[dict], template: str, instruction: str, max_new_tokens: int,
                    batch_size: int, work_dir: Path, fingerprint: str,
-                   progress: Callable[[int], None] | None = None, shard: tuple[int, int] = (0, 1),
-                   sync: Callable[[], None] = lambda: None) -> list[dict]:
+                   progress: Callable[[int, int], None] | None = None, shard: tuple[int, int] = (0, 1),
+                   sync: Callable[[], None] = lambda: None, invariant: bool = True) -> list[dict]:
     """Generate for every row; finished chunks are kept in `work_dir` so a killed run resumes where it was.
     `fingerprint` names everything the responses depend on: a batch from other settings is never reused.
+    `progress(answers, tokens)` is called as answers finish (a reused chunk: all of its answers at once).
+    `invariant`: compute.decode (kd.decode.greedy_decode).
 
     shard=(rank, N) under compute.processes (kd/launch.py): this process decodes chunks rank, rank+N, ... of the
     fixed chunk order, `sync` waits for every process's chunks, and rank 0 merges them all in id order (the others
@@ -78,13 +84,14 @@ def run_generation(model, tokenizer, rows: list[dict], template: str, instructio
         if cached and cached.get("fingerprint") == fingerprint and cached["ids"] == [p["id"] for p in batch]:
             responses = cached["responses"]
             reused += 1
+            if progress:
+                progress(len(responses), sum(map(len, responses)))
         else:
-            responses = generate_chunk(model, tokenizer, batch, max_new_tokens, batch_size)
+            responses = generate_chunk(model, tokenizer, batch, max_new_tokens, batch_size,
+                                       (lambda n: progress(1, n)) if progress else None, invariant)
             write_json(part, {"fingerprint": fingerprint, "ids": [p["id"] for p in batch], "responses": responses})
         for p, r in zip(batch, responses):
             done[p["id"]] = r
-        if progress:
-            progress(len(batch))
     if reused:
         print(f"teacher: reused {reused} of {len(order)} finished chunks from {work_dir} "
               "(an earlier run was interrupted)", file=sys.stderr)

@@ -23,6 +23,7 @@ LOSSES = ["reverse_kl", "forward_kl", "jsd"]
 HARD_TARGETS = ["teacher", "gold"]
 RESPONSE_FILTERS = ["all", "finished", "correct"]  # which teacher responses distill trains on (kd.distill)
 TUNE_OBJECTIVES = ["accuracy", "nll"]  # kd tune: validation strict accuracy (lm-eval) | validation gold NLL
+DECODES = ["invariant", "batched"]  # compute.decode: kd/decode.py's mode for teacher@* and eval_*
 SHARDINGS = ["ddp", "fsdp"]  # compute.sharding: how distill@* spreads the student over processes (kd/sharding.py)
 QUANTIZATIONS = ["bnb-4bit", "bnb-8bit"]  # load-time bitsandbytes quantization (teacher; student: kd/qlora.py)
 PRIMARY_METRICS = ["strict", "flexible"]  # report.primary_metric: lm-eval gsm8k strict-match | flexible-extract
@@ -246,6 +247,7 @@ class Compute(Section):
     portable: F(bool, _bool)  # kd/portable.py
     processes: F(int, _int(1, 4096))  # kd/launch.py
     sharding: F(str, _choice(SHARDINGS))  # kd/sharding.py
+    decode: F(str, _choice(DECODES))  # kd/decode.py: batch-invariant (default) or the faster batched kernels
 
 
 class Pruner(Section):

@@ -55,10 +55,10 @@ def _update(root: Path, profile: str | None, n: int, key: str, block: dict, deci
     if sel.get("profile") != profile or sel.get("n") != n:
         sel = {"profile": profile, "n": n, "parts": {}}
     sel["parts"][key] = {"block": block, "decision": decision, "raw": raw or {}, **(extra or {})}
-    parts = [sel["parts"][k] for k in ("instruction", "targets") if k in sel["parts"]]
+    parts = [sel["parts"][k] for k in ("instruction", "targets", "recipe") if k in sel["parts"]]
     sel["blocks"] = [p["block"] for p in parts]
     sel["decision"] = " ".join(p["decision"] for p in parts)
-    sel["command"] = "kd select instruction && kd select targets"
+    sel["command"] = "kd select instruction && kd select targets && kd select recipe"
     write_json(path, sel)
     return sel
 
@@ -98,7 +98,8 @@ def select_instruction(p: dict, root: Path, strategies: list[str] | None = None,
     for name, s in todo:
         with tempfile.TemporaryDirectory(prefix="kd-select-") as work:
             out = run_generation(model, tok, rows, templates[s], INSTRUCTIONS[name], t["max_new_tokens"],
-                                 t["batch_size"], Path(work), fingerprint=f"select:{name}:{s}")
+                                 t["batch_size"], Path(work), fingerprint=f"select:{name}:{s}",
+                                 invariant=p["compute"]["decode"] == "invariant")
         n = len(out)
         results[(name, s)] = {"strict": sum(r["correct_strict"] for r in out) / n,
                               "flexible": sum(score(r["response"], r["gold"])["correct_flexible"] for r in out) / n,

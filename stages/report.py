@@ -10,7 +10,8 @@ import click
 from kd.cli_util import run_stage
 from kd.environment import write_headline
 from kd.params import load_params
-from kd.report import read_attention, write_report
+from kd.curves import write_curves
+from kd.report import read_attention, trained_arms, write_report
 
 
 @click.command()
@@ -19,6 +20,7 @@ def main():
     t0 = time.time()
     rows = read_attention(p["prompting"]["strategies"])
     m = write_report(p, rows)
+    write_curves(trained_arms(p["prompting"]["strategies"]))  # reports/curves/: one chart per quantity, arms overlaid
     write_headline()  # metrics/environment.json from environment/*.json: `dvc metrics diff` shows another machine
     print(f"report: reports/index.md, {len(rows)} attention rows, best arm: {m['best_arm']} "
           f"({time.time() - t0:.1f} s)")

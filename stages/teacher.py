@@ -30,7 +30,7 @@ def main(strategy):
     template = load_strategies(p["prompting"]["file"])[strategy]
     instruction, t = p["prompting"]["instruction"], p["teacher"]
     rows = read_jsonl("data/prepared/transfer.jsonl")
-    run_fp = fingerprint(template, instruction, t, p["seed"], "models/teacher")
+    run_fp = fingerprint(template, instruction, {**t, "decode": p["compute"]["decode"]}, p["seed"], "models/teacher")
     t0 = time.time()
     seed_everything(p["seed"])
     tok = load_tokenizer("models/teacher", t["trust_remote_code"])
@@ -39,9 +39,16 @@ def main(strategy):
     model = load_model("models/teacher", t["dtype"], t["trust_remote_code"], quantization=t["quantization"],
                        device=launch.device())
     work = Path(".kd-work/teacher") / strategy
-    with tqdm(total=len(rows), desc=f"teacher@{strategy}", unit="q", disable=rank > 0) as bar:
+    with tqdm(total=len(rows), desc=f"teacher@{strategy}", unit="answer", disable=rank > 0) as bar:
+        tokens = [0]
+
+        def progress(answers: int, n_tokens: int) -> None:  # as each answer finishes, not per chunk
+            tokens[0] += n_tokens
+            bar.update(answers)
+            bar.set_postfix(tokens=tokens[0])
         out = run_generation(model, tok, rows, template, instruction, t["max_new_tokens"], t["batch_size"], work,
-                             run_fp, progress=bar.update, shard=(rank, size), sync=launch.barrier)
+                             run_fp, progress=progress, shard=(rank, size), sync=launch.barrier,
+                             invariant=p["compute"]["decode"] == "invariant")
     if rank > 0:  # rank 0 merged every process's responses and writes the outputs
         return launch.finish()
     metrics = summarize(out)

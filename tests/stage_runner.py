@@ -49,9 +49,9 @@ def run_cmd(cmd: list[str], cwd: Path, env: dict) -> str:
     return res.stdout + res.stderr
 
 
-def dvc_project(root: Path, strategies: list[str]) -> tuple[Path, dict, str]:
-    """A git + DVC copy of the project on the tiny profile with `strategies`, after a real `dvc repro`, committed.
-    Returns (root, env for DVC/git commands, the repro's output)."""
+def tiny_copy(root: Path, strategies: list[str], edit=None) -> dict:
+    """A copy of the project's files in `root` with the tiny profile's params (`strategies`; `edit(params)` may
+    change them); returns the params written."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
                            text=True, check=True).stdout.split()
     for f in files:
@@ -60,7 +60,16 @@ def dvc_project(root: Path, strategies: list[str]) -> tuple[Path, dict, str]:
             shutil.copy2(ROOT / f, root / f)
     params = load_profile("tiny", ROOT)
     params["prompting"]["strategies"] = strategies
+    if edit:
+        edit(params)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return params
+
+
+def dvc_project(root: Path, strategies: list[str]) -> tuple[Path, dict, str]:
+    """A git + DVC copy of the project on the tiny profile with `strategies`, after a real `dvc repro`, committed.
+    Returns (root, env for DVC/git commands, the repro's output)."""
+    tiny_copy(root, strategies)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}

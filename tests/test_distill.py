@@ -40,3 +40,55 @@ def test_gold_examples_are_prompt_then_gold_solution_then_eos():
     # a prompt that fills max_length is skipped, not truncated into nothing
     short, skipped = build_gold_examples(qs, tok, "Answer '#### n'.", max_length=len(prompt))
     assert short == [] and skipped == [3, 9]
+
+
+@pytest.mark.slow
+def test_control_is_the_kd_arm_minus_the_teacher(tmp_path):
+    """Issue 19: the fine-tune control shares every setting of the KD arms (optimizer, batch, schedule, examples
+    and their order, seed, dropout masks) except the teacher term: its first step's gradient equals the KD arm's
+    CE-term gradient bit for bit, while the KD arm's whole gradient differs (the teacher term is there)."""
+    import torch
+
+    from kd.distill import build_gold_examples, epoch_order, example_loss, pass_seed
+    from kd.io import read_jsonl
+    from kd.kd_inputs import load_kd_inputs
+    from kd.params import load_params
+    from kd.qlora import make_optimizer
+    from kd.trainer import control_config, lora_student
+    from tests.stage_runner import in_process, tiny_copy
+
+    def edit(p):
+        p["distill"].update(hard_target="gold", response_filter="all", batch_size=2, optimizer="adamw", lr=1e-3)
+
+    tiny_copy(tmp_path, ["none"], edit)
+    for stage, *args in (("prepare",), ("model", "teacher"), ("model", "student"), ("teacher", "none"),
+                         ("logits", "none")):
+        in_process(tmp_path, stage, *args)
+    p = load_params(tmp_path / "params.yaml", tmp_path)
+    kd_cfg, ctl_cfg = p["distill"], control_config(p["distill"])
+    assert {k: v for k, v in ctl_cfg.items() if k != "hard_target"} == \
+           {k: v for k, v in kd_cfg.items() if k != "hard_target"} and ctl_cfg["hard_target"] == "gold"
+    instr, ml = p["prompting"]["instruction"], kd_cfg["max_length"]
+    inputs = load_kd_inputs(tmp_path, "none", False)
+    _, kd_ex, _ = inputs.examples(kd_cfg["response_filter"], instr, ml, kd_cfg["hard_target"])
+    ctl_ex, _ = build_gold_examples(read_jsonl(tmp_path / "data/prepared/transfer.jsonl"), inputs.tokenizer, instr, ml)
+    assert [e.id for e in kd_ex] == [e.id for e in ctl_ex] and len(kd_ex) > 2
+    assert [e.gold_ids for e in kd_ex] == [e.gold_ids for e in ctl_ex]  # the same CE targets
+    for epoch in range(kd_cfg["epochs"]):  # the same seeded order (it depends on the count and the seed only)
+        assert epoch_order(len(kd_ex), p["seed"], epoch) == epoch_order(len(ctl_ex), p["seed"], epoch)
+
+    first = epoch_order(len(kd_ex), p["seed"], 0)[0]
+    grads = {}
+    for arm, ex, teacher, part in (("kd-ce", kd_ex[first], inputs.teacher_for(kd_ex[first].id), "ce"),
+                                   ("kd", kd_ex[first], inputs.teacher_for(kd_ex[first].id), "loss"),
+                                   ("control", ctl_ex[first], None, "loss")):
+        model = lora_student(tmp_path / "models/student", "bfloat16", False, kd_cfg["lora"], p["seed"])
+        model.train()
+        assert type(make_optimizer([q for q in model.parameters() if q.requires_grad], ctl_cfg)).__name__ == "AdamW"
+        losses = example_loss(model, ex, teacher, p["alpha"], p["temperature"], kd_cfg["loss"], "gold",
+                              kd_cfg["kd_chunk"], inputs.vocab["kd_width"], pass_seed(p["seed"], 0, ex.id))
+        (p["alpha"] * losses["ce"] if part == "ce" else losses["loss"]).backward()
+        grads[arm] = [q.grad.clone() for q in model.parameters() if q.requires_grad and q.grad is not None]
+    assert len(grads["control"]) == len(grads["kd-ce"]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(grads["control"], grads["kd-ce"]))
+    assert not all(torch.equal(a, b) for a, b in zip(grads["kd"], grads["kd-ce"]))

@@ -59,3 +59,22 @@ def test_select_rejects_unknown_strategy(project):
 
     with pytest.raises(KdError, match=r"'\.\./\.\./etc' is not in prompting.strategies \(allowed: none\)"):
         _run(project, "select", "targets", "../../etc")
+
+
+def test_select_recipe_moves_the_student_and_records_the_evidence(project):
+    """Issue 19: every candidate recipe trains a student exactly as distill@none would, on the validation split only;
+    the evidence (update size, validation NLL before and after) is recorded and the chosen recipe is one measured."""
+    res = _run(project, "select", "recipe", "none")
+    assert res.exit_code == 0, res.output
+    assert "set distill.optimizer:" in res.output
+    sel = json.loads((project / "selection/tiny.json").read_text())
+    block = next(b for b in sel["blocks"] if b["title"].startswith("Training recipe"))
+    rows = block["rows"]
+    assert len(rows) == 6  # five one-epoch candidates, then the best with two epochs
+    assert all(float(r[3]) > 0 for r in rows)  # every candidate moved the adapter
+    assert len({r[4] for r in rows}) == 1  # one base student, measured once
+    lr_big = [r for r in rows if r[0] == "adamw" and r[1] == "1e-3" and r[2] == "1"][0]
+    lr_small = [r for r in rows if r[0] == "sgd" and r[1] == "1e-3"][0]
+    assert float(lr_big[3]) > 10 * float(lr_small[3])  # AdamW moves the LoRA weights far more than SGD at 1e-3
+    assert "Recipe:" in sel["decision"]
+    assert not (project / "data/prepared/eval.jsonl").exists()
