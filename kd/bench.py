@@ -5,9 +5,12 @@ batch 1 and at a fixed batch (the teacher stage's decoder before kd/decode.py), 
 agreement with batch-1 `generate`, 3 a distill step vs a plain SFT (CE-only) step, 4 offline teacher signal vs
 an online teacher forward at every step, 5 `dvc status` / no-op `dvc repro` wall time, 6 growth: the work of the
 teacher stage (continuous-batching generation at the teacher's batch), of eval (the student's generation at the
-eval batch) and of distill (training steps) at 1x and 4x the question count, as the exponent of t ~ n^k. Each pair
-runs alternately, `repeats` times, best time kept. Model loading and process start (a few seconds a stage) are
-not in item 6.
+eval batch) and of distill (training steps) at 1x and 4x the question count, as the exponent of t ~ n^k. Item 7
+(issue 19): batch invariance, the decoder's tokens at the stage's batch against batch 1 and against fewer prompts
+(`eval.limit`), for `compute.decode: invariant` (the default) and `batched` (the decoder before it), and the cost
+of the invariant one (its tokens/s over the batched one's, same prompts, alternately). Each pair runs
+alternately, `repeats` times, best time kept. Model loading and process start (a few seconds a stage) are not in
+item 6.
 """
 
 from __future__ import annotations
@@ -322,6 +325,12 @@ def run_bench(models_dir: Path, size: str, dtype: str, root: Path, out: Path, tr
             result["models"][role]["6_growth"] = bench_growth_decoding(
                 model, tok, n=cfg["growth_n"], max_new=cfg["max_new"],
                 batch=cfg["teacher_batch"] if role == "teacher" else cfg["eval_batch"])
+        log(f"bench: batch invariance, {role}")
+        from kd.bench_invariance import bench_invariance
+
+        result["models"][role]["7_invariance"] = bench_invariance(
+            model, tok, n=cfg["n"], batch=cfg["batch"], max_new=cfg["max_new"], b1_rows=cfg["b1_rows"],
+            repeats=cfg["repeats"])
         del model
     if train:
         log("bench: training steps (sft, distill offline, distill online)")
@@ -364,6 +373,16 @@ def table(r: dict) -> str:
                          f"{tr['3_distill_vs_sft_step_memory']:.2f}x | |")
         lines.append(f"| 4 | offline / online teacher signal, step speed | | "
                      f"{tr['4_offline_vs_online_speedup']:.2f}x | |")
+    iv = [r["models"][k].get("7_invariance") for k in ("teacher", "student")]
+    if all(iv):
+        cells = lambda f: " | ".join(f(v) for v in iv)  # noqa: E731
+        lines.append("| 7 | invariant / batched decoder tokens/s | "
+                     f"{cells(lambda v: format(v['invariant_over_batched_speed'], '.2f') + 'x')} | |")
+        for mode in ("invariant", "batched"):
+            lines.append(f"| 7 | {mode}: rows equal at batch {iv[0]['batch']} and batch 1; with half the prompts | "
+                         + cells(lambda v: f"{v[mode]['rows_equal_to_batch1']}/{v['batch1_rows']}; "
+                                           f"{v[mode]['rows_equal_with_fewer_prompts']}/{v['limit_rows']}")
+                         + (" | all |" if mode == "invariant" else " | |"))
     d = r["dvc"]
     for name, g in (("teacher generation", t.get("6_growth")), ("eval generation (student)", s.get("6_growth")),
                     ("distill steps", r.get("training", {}).get("6_growth"))):

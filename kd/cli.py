@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -157,10 +158,11 @@ def invalidation_table(write):
 @click.option("--out", type=click.Path(dir_okay=False), default="reports/bench.json", show_default=True)
 @click.option("--no-train", is_flag=True, help="Skip items 3-4 (training steps).")
 @click.option("--no-growth", is_flag=True, help="Skip item 6 (time at 1x and 4x the questions).")
+@click.option("--only-invariance", is_flag=True, help="Only item 7 (batch invariance and its cost).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch threads (default: torch's own). On a machine shared with other work, 1 avoids "
                    "threads spinning against each other (measured 10x slower decoding at 2 threads under load).")
-def bench(size, models_dir, dtype, out, no_train, no_growth, threads):
+def bench(size, models_dir, dtype, out, no_train, no_growth, only_invariance, threads):
     """Speed ratios measured side by side (decoder, training step, dvc); writes --out and prints a table."""
     import tempfile
 
@@ -183,6 +185,13 @@ def bench(size, models_dir, dtype, out, no_train, no_growth, threads):
                 save_tiny(f"tiny-{role}", real / role)
         elif not (real / "teacher" / "config.json").exists():
             raise KdError(f"{real}/teacher: no model folder (run `dvc repro model@teacher` or pass --profile tiny)")
+        if only_invariance:
+            from kd.bench_invariance import run_invariance
+
+            result = run_invariance(real, size, dtype, Path(out), log=lambda m: click.echo(m, err=True))
+            click.echo(json.dumps(result, indent=1))
+            click.echo(f"wrote {out}")
+            return
         result = run_bench(real, size, dtype, root, Path(out), train=not no_train, growth=not no_growth,
                            log=lambda m: click.echo(m, err=True))
     click.echo(table(result))
@@ -333,7 +342,7 @@ def tune(n_trials, timeout, apply_, report_only):
 def plan(mde, disagreement, seconds):
     """How many eval questions a detectable difference needs, and what evaluating them costs on this machine."""
     from kd.params import load_params
-    from kd.report import plan as plan_questions
+    from kd.plan import plan as plan_questions
 
     if not 0 < mde <= 100:
         raise KdError(f"kd plan: --mde is {mde}; allowed: accuracy points in (0, 100]")

@@ -27,7 +27,7 @@ import yaml
 
 from kd.errors import ArtefactError, KdError
 
-KINDS = ("flexible", "strict")  # the report's primary metric first (kd.report.PRIMARY)
+KINDS = ("strict", "flexible")  # the one HEAD's report.primary_metric names decides "beyond noise"
 EVAL_DIR = "results/eval"
 TEACHER_DIR = "results/teacher"
 LOSS_TSV = "plots/metrics/train/loss.tsv"
@@ -312,13 +312,16 @@ def analyse(root: str | Path, base_name: str, head_name: str = "HEAD") -> dict:
         s = stage_of.get(a["arm"])
         a["stage"] = s
         a["reran"] = s is not None and s in set(changes["reran"]) | set(changes["added"])
-    tested = {a["arm"]: a["paired"]["flexible"]["mcnemar_p"] for a in arms if a.get("paired")}
-    from kd.report import holm
+    hp = head.yaml("params.yaml")
+    primary = ((hp or {}).get("report") or {}).get("primary_metric") if isinstance(hp, dict) else None
+    primary = primary if primary in KINDS else "strict"  # the report's metric named before the run (kd/params.py)
+    tested = {a["arm"]: a["paired"][primary]["mcnemar_p"] for a in arms if a.get("paired")}
+    from kd.stats import holm
 
-    beyond = holm(tested, ALPHA) if tested else {}
+    beyond = {k: p <= ALPHA for k, p in holm(tested).items()} if tested else {}
     for a in arms:
         a["beyond_noise"] = beyond.get(a["arm"])
-    return {"base": base, "head": head, "params": params_diff(base, head), "stages": changes,
+    return {"base": base, "head": head, "kinds": (primary, *[k for k in KINDS if k != primary]), "params": params_diff(base, head), "stages": changes,
             "stale": {"base": stale_params(base, lb), "head": stale_params(head, lh)}, "arms": arms,
             "teacher": (teacher_rows(base), teacher_rows(head)), "env": (environment(base), environment(head)),
             "loss": (loss_curves(base), loss_curves(head)), "has_lock": (bool(lb), bool(lh))}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from kd.pr_report import ALPHA, EVAL_DIR, KINDS, MAX_IDS
+from kd.pr_report import ALPHA, EVAL_DIR, MAX_IDS
 
 
 def _v(x: Any) -> str:
@@ -27,10 +27,9 @@ def _ids(ids: list[int]) -> str:
 
 
 def _mde(p: dict) -> str:
-    """The detectable difference; "≥" where the commits disagreed on fewer questions than it takes (kd.stats then
-    assumes the fewest disagreements a difference that size needs, the test's best case: the true one is larger)."""
-    floor = p["only_a"] + p["only_b"] < round(p["mde"] * p["n"])
-    return f"{'≥ ' if floor else '±'}{100 * p['mde']:.1f}"
+    """The smallest detectable difference at the disagreement the two commits showed (kd.stats.mcnemar_mde, no
+    best-case floor); "none" where no difference is detectable at that disagreement (too few questions changed)."""
+    return "none" if p["mde"] is None else f"±{100 * p['mde']:.1f}"
 
 
 def _stage_list(stages: list[str]) -> str:
@@ -38,7 +37,7 @@ def _stage_list(stages: list[str]) -> str:
 
 
 def render(an: dict, plots: dict[str, str]) -> str:
-    from kd.report import pval
+    from kd.comparisons import pval
 
     base, head = an["base"], an["head"]
     L = [f"# kd-prime: {head.name} (`{head.short}`) vs {base.name} (`{base.short}`)", ""]
@@ -50,10 +49,11 @@ def render(an: dict, plots: dict[str, str]) -> str:
     moved = [a["arm"] for a in paired if a["beyond_noise"]]
     if moved:
         L.append(f"**Beyond noise** ({ALPHA:g} two-sided, exact McNemar, Holm-corrected over {len(paired)} arms, "
-                 f"flexible accuracy): {', '.join(f'**{m}**' for m in moved)}.")
+                 f"{an['kinds'][0]} accuracy, `report.primary_metric`): {', '.join(f'**{m}**' for m in moved)}.")
     elif paired:
         L.append(f"**No arm's accuracy changed beyond noise** (exact McNemar on the shared questions, {ALPHA:g} "
-                 f"two-sided, Holm-corrected over {len(paired)} arms, flexible accuracy).")
+                 f"two-sided, Holm-corrected over {len(paired)} arms, {an['kinds'][0]} accuracy, "
+                 "`report.primary_metric`).")
     else:
         L.append("**No arm has per-question results at both commits**: no paired test was possible "
                  f"(the eval stages write `{EVAL_DIR}/<arm>.jsonl`; re-run and commit them).")
@@ -96,11 +96,10 @@ def render(an: dict, plots: dict[str, str]) -> str:
           "95 % Wilson intervals. The test pairs the two commits on the questions both scored (exact McNemar: the "
           "questions one commit got right and the other wrong); *detectable* is the smallest change those "
           "questions detect with 80 % power at two-sided 0.05, at the disagreement observed between the two "
-          "commits (≥: they disagreed on fewer questions than a change that size needs, so it is computed at the "
-          "fewest it needs, the test's best case, and the true one is larger). A change smaller than that is not "
+          "commits (none: at that disagreement no change is detectable). A change smaller than that is not "
           "evidence either way.", ""]
-    for kind in KINDS:
-        L += [f"### {kind} {'(the headline)' if kind == KINDS[0] else ''}".rstrip(), "",
+    for kind in an["kinds"]:
+        L += [f"### {kind} {'(the headline)' if kind == an['kinds'][0] else ''}".rstrip(), "",
               f"| arm | {base.name} | {head.name} | Δ (pp) | shared | right only in {base.name} / {head.name} "
               "| p (McNemar) | detectable Δ (pp) | beyond noise | eval re-ran |",
               "|---|---|---|---|---|---|---|---|---|---|"]
@@ -110,7 +109,7 @@ def render(an: dict, plots: dict[str, str]) -> str:
             p = a.get("paired", {}).get(kind)
             if p is not None:
                 test = (f"{p['n']} | {p['only_b']} / {p['only_a']} | {pval(p['mcnemar_p'])} | {_mde(p)} | "
-                        + ("—" if kind != KINDS[0] else ("yes" if a["beyond_noise"] else "no")))
+                        + ("—" if kind != an["kinds"][0] else ("yes" if a["beyond_noise"] else "no")))
             else:
                 test = "— | — | — | — | —"
             L.append(f"| {a['arm']} | {_pct(acc_a)} | {_pct(acc_b)} | {delta} | {test} | "

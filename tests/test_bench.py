@@ -37,7 +37,7 @@ def test_bench_decoding_smoke(tiny_models):
                          ("decoder / HF generate, batch 1", d["vs_hf_batch1"]),
                          ("decoder / HF generate, batch 3", d["vs_hf_fixed_batch"])):
         row = next(line for line in text.splitlines() if f"| {label} |" in line)
-        assert re.findall(r"\| ([0-9.]+)x (?=\|)", row)[:2] == [f"{value:.2f}"] * 2, row
+        assert re.findall(r"\| (-?[0-9.]+)x (?=\|)", row)[:2] == [f"{value:.2f}"] * 2, row
     assert "| 2 | rows equal to HF batch 1 | 3/3" in text
 
 

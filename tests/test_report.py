@@ -485,7 +485,7 @@ def test_attention_read_from_the_attention_stages(tmp_path, params):
 @pytest.mark.parametrize("key,value,allowed", [("primary_metric", "exact", "strict, flexible"),
                                                ("planning_disagreement", 0, "(0.0, 1.0]"),
                                                ("planning_disagreement", 1.5, "(0.0, 1.0]"),
-                                               ("planning_disagreement", "0.3", "(0.0, 1.0]")])
+                                               ("planning_disagreement", "a third", "(0.0, 1.0]")])
 def test_report_params_validated(params, key, value, allowed):
     from kd.params import validate
 
@@ -501,7 +501,7 @@ def test_report_params_validated(params, key, value, allowed):
 def test_plan_questions_and_cost(tmp_path, params):
     """`kd plan`: questions a detectable difference needs, at the committed results' measured disagreement (the
     largest of the paper's family), else the planning value; the cost from the eval stage's time per question."""
-    from kd.report import plan
+    from kd.plan import plan
     from kd.stats import mcnemar_power, mcnemar_sample_size
 
     # no committed results: the planning disagreement
