@@ -89,7 +89,7 @@ def test_decoding_kernels_switch_attention_back_and_keep_tokens(tiny_models):
     model = _load(tiny_models / "student", torch.float32)
     before = model.config._attn_implementation
     prompts = [torch.randint(0, 256, (k,), generator=torch.Generator().manual_seed(k)).tolist() for k in (5, 19, 11)]
-    with decoding_kernels(model):
+    with decoding_kernels(model, 3):
         assert model.config._attn_implementation == GQA
     assert model.config._attn_implementation == before
     ours = greedy_decode(model, prompts, max_new_tokens=12, stop_ids=[], pad_id=0, batch_size=3)
