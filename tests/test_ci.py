@@ -124,8 +124,9 @@ def test_pr_report_on_two_tiny_runs(two_commits):
     # the re-run stages: exactly what `dvc repro` ran for the α change
     line = next(ln for ln in md.splitlines() if ln.startswith("- re-ran (lock entry changed): "))
     assert set(re.findall(r"`([^`]+)`", line)) == ran == {"distill@none", "eval_kd@none", "attention_kd@none",
-                                                          "report"}
-    assert "Arms whose eval re-ran: `kd-none`." in md
+                                                          "finetune", "eval_finetune", "attention_finetune",
+                                                          "report", "validate"}
+    assert "Arms whose eval re-ran: `finetune`, `kd-none`." in md
     arms = ["teacher", "student", "student_cot", "finetune", "kd-none"]
     for kind in ("flexible", "strict"):
         section = md.split(f"### {kind}", 1)[1].split("\n\n", 2)[1]
@@ -140,7 +141,7 @@ def test_pr_report_on_two_tiny_runs(two_commits):
             assert cells[5] == f"{losses} / {wins}", (arm, kind, cells)
             p = 1.0 if wins + losses == 0 else stats.binomtest(wins, wins + losses, 0.5).pvalue
             assert cells[6] == f"{p:.3g}", (arm, kind, cells, p)  # the report's p, recomputed independently
-            assert cells[9] == ("yes" if arm == "kd-none" else "no"), (arm, cells)
+            assert cells[9] == ("yes" if arm in ("kd-none", "finetune") else "no"), (arm, cells)  # eval re-ran
     # same revisions, same bytes (the Markdown and both PNGs)
     pngs = {p.name: p.read_bytes() for p in (root / "pr-report").iterdir()}
     again = _kd(root, env, "pr-report", "main", "pr")

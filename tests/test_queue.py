@@ -61,4 +61,5 @@ def test_queued_experiments_reused_the_teacher(queued):
     for name in names:
         log = run_cmd(["dvc", "queue", "logs", name], root, env)
         ran = set(re.findall(r"Running stage '([^']+)'", log))
-        assert ran == {"distill@none", "eval_kd@none", "attention_kd@none", "report"}, log[-3000:]
+        assert ran == {"distill@none", "eval_kd@none", "attention_kd@none", "finetune", "eval_finetune",
+                       "attention_finetune", "report", "validate"}, log[-3000:]
