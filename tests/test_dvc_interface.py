@@ -116,6 +116,11 @@ def _plot_inputs(root: Path) -> None:
         d.mkdir(parents=True, exist_ok=True)
         for name in ("loss", "ce", "kd", "lr"):
             (d / f"{name}.tsv").write_text(f"step\t{name}\n" + "".join(f"{i}\t{1.0 / (i + 1)}\n" for i in range(8)))
+        (d.parent / "val").mkdir(exist_ok=True)
+        (d.parent / "val/gold_nll.tsv").write_text("step\tgold_nll\n0\t2.0\n8\t1.5\n")
+    from kd.curves import write_curves
+
+    write_curves(["finetune", "kd-none", "kd-teacher"], root)  # what the report stage draws them from
 
 
 def _scripts(html: str) -> list[str]:
@@ -143,10 +148,11 @@ def test_plots_page_loads_only_inline_scripts(plots_page, page):
     assert not re.search(r"""src\s*=\s*["']?(https?:)?//""", html, flags=re.I)
     for lib in ("vega 5.", "vega-lite 5.", "vega-embed 6."):
         assert f"/* {lib}" in html, lib
-    # the declared plots: accuracy per arm, attention per layer of each student arm, the 4 loss curves of each
-    # trained arm
+    # the declared plots: accuracy per arm, attention per layer of each student arm, and one chart per training
+    # quantity with every trained arm overlaid (kd/curves.py: loss, validation gold NLL, KD term, learning rate)
     divs = re.findall(r"vegaEmbed\('#([^']+)'", html)
-    assert len(divs) == 1 + len(ATTENTION_ARMS) + 3 * 4, divs
+    assert len(divs) == 1 + len(ATTENTION_ARMS) + 4, divs
+    assert sum(d.startswith(("training_loss", "validation_gold_NLL", "KD_term", "learning_rate")) for d in divs) == 4
 
 
 def test_plots_diff_compares_revisions(plots_page):
