@@ -219,5 +219,5 @@ def test_every_run_step_runs_in_order_on_a_fresh_clone(two_commits, tmp_path):
     assert re.search(r"\d+ passed", ran[0][1])
     report = posted.read_text()
     assert report.startswith("# kd-prime: HEAD (") and "vs origin/main (" in report
-    assert "`eval_kd@none`" in report and "Arms whose eval re-ran: `kd-none`." in report
+    assert "`eval_kd@none`" in report and "Arms whose eval re-ran: `finetune`, `kd-none`." in report
     assert (clone / "pr-report/accuracy.png").exists()
