@@ -21,6 +21,10 @@ DOCS = ["README.md", *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "do
 
 # command (as written in the README, comments and `&&` split off) -> why it is not run here
 SKIP = {
+    "kd pr-report main": "needs a branch `main` with an earlier run (tests/test_ci.py runs pr-report on two tiny commits)",
+    "kd pr-report HEAD~1 HEAD > report.md": "a shell redirection of pr-report (tests/test_pr_report.py, tests/test_ci.py)",
+    "kd pr-report v1 v2 --plots figs": "needs two tagged runs (tests/test_pr_report.py writes --plots)",
+    "kd verify --quick": "a full tiny pipeline run and the invalidation check (~3-5 min); CI runs `kd verify`",
     "dvc repro": "runs the whole pipeline (the real default: 1.6 GB, ~30 min; tests/test_pipeline.py runs the tiny one)",
     "kd verify": "two full tiny pipeline runs (~3-5 min); CI runs it (.ci/run)",
     "kd verify --tolerance": "two full pipeline runs, meant for a GPU",
