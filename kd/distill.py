@@ -243,7 +243,7 @@ def train(model, examples: list[Example], teacher_for: Callable[[int], Callable[
     the run has a teacher (the fine-tune control draws the KD arm's masks for its gold pass)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg)
-    batch = cfg.get("batch_size", 1)
+    batch = cfg["batch_size"]
     rank, size = shard
     sharded = is_sharded(model)  # compute.sharding fsdp (kd/sharding.py)
     per_epoch = math.ceil(len(examples) / batch)

@@ -36,10 +36,10 @@ def check_params(p: dict) -> None:
 
 
 def make_optimizer(params: list, cfg: dict[str, Any]):
-    """The LoRA weights' optimiser, by `distill.optimizer` (sgd when the key is absent)."""
+    """The LoRA weights' optimiser, by `distill.optimizer`."""
     import torch
 
-    name = cfg.get("optimizer", "sgd")
+    name = cfg["optimizer"]
     if name == "sgd":
         return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
     if name == "adamw":  # torch's, single-tensor loop (foreach=False): the same bits whatever the parameter count

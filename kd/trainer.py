@@ -120,7 +120,7 @@ def run_training(name: str, model, examples: list[Example],
         trainable_state(model)  # compute.sharding fsdp: its part of gathering the adapter
         return None
     total = cfg["epochs"] * math.ceil(len(examples) / cfg["batch_size"])
-    every = cfg.get("val_every", 0)
+    every = cfg["val_every"]
     val_before = validate(model) if validate else None  # LoRA B is zero: this is the base student
     with atomic_path(curves_dir) as live_tmp:
         with Live(str(live_tmp), save_dvc_exp=False, dvcyaml=None) as live, \
