@@ -105,21 +105,17 @@ def _rowwise(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> tor
 
 
 @contextmanager
-def batched_linears(model: nn.Module, rows: int):
-    """compute.decode: batched (the decoder before issue 19): every bf16 CPU nn.Linear on a weight packed once for
-    about `rows` rows, called at whatever row count comes (faster; a row's last bits then depend on the count)."""
+def _patched_linears(model: nn.Module, make_forward):
+    """Every CPU nn.Linear of `model` for which `make_forward(mod)` gives a forward runs on it (an instance
+    attribute, deleted afterwards: nn.Linear.forward comes back)."""
     patched = []
-    if _packable():
-        with torch.no_grad():
-            for mod in model.modules():
-                w = getattr(mod, "weight", None)
-                if type(mod) is not nn.Linear or w is None or w.dtype != torch.bfloat16 or w.device.type != "cpu":
-                    continue
-                packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), rows)
-
-                def forward(x, packed=packed, bias=mod.bias):
-                    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-
+    with torch.no_grad():
+        for mod in model.modules():
+            w = getattr(mod, "weight", None)
+            if type(mod) is not nn.Linear or w is None or w.device.type != "cpu" or not w.is_floating_point():
+                continue
+            forward = make_forward(mod)
+            if forward is not None:
                 mod.forward = forward
                 patched.append(mod)
     try:
@@ -129,39 +125,36 @@ def batched_linears(model: nn.Module, rows: int):
             del mod.forward
 
 
-@contextmanager
+def batched_linears(model: nn.Module, rows: int):
+    """compute.decode: batched (the decoder before issue 19): every bf16 CPU nn.Linear on a weight packed once for
+    about `rows` rows, called at whatever row count comes (faster; a row's last bits then depend on the count)."""
+    def make(mod):
+        if not _packable() or mod.weight.dtype != torch.bfloat16:
+            return None
+        packed = torch.ops.mkldnn._reorder_linear_weight(mod.weight.detach(), rows)
+        return lambda x, packed=packed, bias=mod.bias: torch.ops.mkldnn._linear_pointwise(
+            x, packed, bias, "none", [], "")
+    return _patched_linears(model, make)
+
+
 def row_invariant_linears(model: nn.Module):
     """Every CPU nn.Linear of `model` whose per-row result can be made independent of the row count: in a decode
     step ([B, 1, in]) a bf16 weight, packed once by oneDNN for ROWS rows, runs on blocks of exactly ROWS rows
     (zero-padded); a small weight (a LoRA A or B: a side of at most SMALL) computes each row as one multiply and a
     sum. Other inputs (a prefill: one prompt's own rows) run as they are. Large float32 weights are left to MKL,
     whose per-row result depends on the row count."""
-    patched = []
-    packable = _packable()
-    with torch.no_grad():
-        for mod in model.modules():
-            w = getattr(mod, "weight", None)
-            if type(mod) is not nn.Linear or w is None or w.device.type != "cpu" or not w.is_floating_point():
-                continue
-            if packable and w.dtype == torch.bfloat16:
-                packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), ROWS)
+    def make(mod):
+        w, bias = mod.weight, mod.bias
+        if _packable() and w.dtype == torch.bfloat16:
+            packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), ROWS)
 
-                def forward(x, packed=packed, bias=mod.bias):
-                    def mm(a):
-                        return torch.ops.mkldnn._linear_pointwise(a, packed, bias, "none", [], "")
-                    return _row_blocks(x[:, 0], mm)[:, None] if x.dim() == 3 and x.shape[1] == 1 else mm(x)
-            elif min(w.shape) <= SMALL:
-                def forward(x, w=w, bias=mod.bias):
-                    return _rowwise(x, w, bias) if x.dim() == 3 and x.shape[1] == 1 else F.linear(x, w, bias)
-            else:
-                continue
-            mod.forward = forward  # an instance attribute: deleting it restores nn.Linear.forward
-            patched.append(mod)
-    try:
-        yield
-    finally:
-        for mod in patched:
-            del mod.forward
+            def mm(a):
+                return torch.ops.mkldnn._linear_pointwise(a, packed, bias, "none", [], "")
+            return lambda x: _row_blocks(x[:, 0], mm)[:, None] if x.dim() == 3 and x.shape[1] == 1 else mm(x)
+        if min(w.shape) <= SMALL:
+            return lambda x: _rowwise(x, w, bias) if x.dim() == 3 and x.shape[1] == 1 else F.linear(x, w, bias)
+        return None
+    return _patched_linears(model, make)
 
 
 @contextmanager
