@@ -198,12 +198,15 @@ def test_apply_invalidates_only_distill_and_later(ran):
         assert re.search(r"^temperature: 3.5 +# softmax temperature", text, re.M)
         assert [a for a, b in zip(original.splitlines(), text.splitlines()) if a != b] == \
             [line for line in original.splitlines() if line.startswith(("alpha:", "temperature:"))]
-        assert _stale(ran) == ["distill@none", "distill@teacher", "report"]  # eval_kd@* follow from distill's outs
-        # lr and rank are shared with the fine-tune control: it re-runs too, never teacher or logits
+        # eval_kd@* follow from distill's outs; the fine-tune control weights its CE term by alpha, so it re-runs;
+        # validate re-checks every param (its output is unchanged when they are valid, so it re-runs nothing)
+        after_alpha = ["distill@none", "distill@teacher", "finetune", "report", "validate"]
+        assert _stale(ran) == after_alpha
+        # lr and rank are shared with the control as well: the same stages, never teacher or logits
         _apply(ran, {"alpha": 0.25, "temperature": 3.5, "lr": 0.003, "lora_r": 8})
         p = yaml.safe_load((ran / "params.yaml").read_text())
         assert (p["distill"]["lr"], p["distill"]["lora"]["r"]) == (0.003, 8)
-        assert _stale(ran) == ["distill@none", "distill@teacher", "finetune", "report"]
+        assert _stale(ran) == after_alpha
     finally:
         (ran / "params.yaml").write_text(original)
 
