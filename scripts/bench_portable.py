@@ -42,7 +42,7 @@ def child(dtype_name: str) -> dict:
 
 def main(reps: int) -> None:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from kd.portable import PORTABLE_ENV
+    from kd.core.portable import PORTABLE_ENV
 
     times: dict[str, list[float]] = {k: [] for k in SETTINGS}
     hashes: dict[str, set] = {k: set() for k in SETTINGS}

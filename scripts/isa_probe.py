@@ -50,7 +50,7 @@ def probe(dtype_name: str) -> dict:
             m(ids)
         out["forward_ms"] = round((time.perf_counter() - t0) / 3 * 1000, 1)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from kd.tiny import build_model, build_tokenizer
+    from kd.models.tiny import build_model, build_tokenizer
     tok = build_tokenizer()
     tm = build_model("tiny-teacher", len(tok), tok.eos_token_id, tok.pad_token_id).to(dtype).eval()
     with torch.no_grad():

@@ -1,21 +1,21 @@
-"""Stages `attention_*`: per-layer attention statistics of one student arm (kd/arms.py), exactly as evaluated
+"""Stages `attention_*`: per-layer attention statistics of one student arm (kd/eval/arms.py), exactly as evaluated
 (adapter unmerged), over the first report.attention_prompts eval questions -> reports/attention/<arm>.json."""
 
-import kd.portable; kd.portable.apply()  # noqa: E702 - compute.portable: ISA caps, before torch loads
+import kd.core.portable; kd.core.portable.apply()  # noqa: E702 - compute.portable: ISA caps, before torch loads
 
 import time
 
 import click
 
-from kd.arms import student_arms
-from kd.attention import arm_attention
-from kd.cli_util import run_stage
-from kd.environment import record_environment
-from kd.io import write_json
-from kd.names import stage_arg
-from kd.params import load_config
-from kd.paths import ATTENTION_DIR
-from kd.seeding import seed_everything
+from kd.config.params import load_config
+from kd.core.entry import run_stage
+from kd.core.environment import record_environment
+from kd.core.io import write_json
+from kd.core.names import stage_arg
+from kd.core.paths import ATTENTION_DIR
+from kd.core.seeding import seed_everything
+from kd.eval.arms import student_arms
+from kd.eval.attention import arm_attention
 
 
 @click.command()

@@ -1,19 +1,20 @@
 """Stage `distill@<strategy>`: LoRA-train the student on the teacher's responses (no priming prefix)."""
 
-import kd.portable; kd.portable.apply()  # noqa: E702 - compute.portable: ISA caps, before torch loads
+import kd.core.portable; kd.core.portable.apply()  # noqa: E702 - compute.portable: ISA caps, before torch loads
 
 import click
 
-from kd import launch, sharding
-from kd.cli_util import run_stage
-from kd.environment import record_environment
-from kd.io import sha256_file
-from kd.kd_inputs import load_kd_inputs
-from kd.names import stage_arg
-from kd.params import load_params
-from kd.prompting import check_context
-from kd.seeding import seed_everything
-from kd.trainer import fingerprint, lora_student, run_training, validation, weights_digest
+from kd.config.params import load_params
+from kd.core import launch
+from kd.core.entry import run_stage
+from kd.core.environment import record_environment
+from kd.core.io import sha256_file
+from kd.core.names import stage_arg
+from kd.core.seeding import seed_everything
+from kd.data.prompting import check_context
+from kd.train import sharding
+from kd.train.inputs import load_kd_inputs
+from kd.train.run import fingerprint, lora_student, run_training, validation, weights_digest
 
 
 @click.command()
@@ -23,7 +24,7 @@ def main(strategy):
     stage_arg("strategy", strategy, p["prompting"]["strategies"], "prompting.strategies")  # before any path use
     cfg, s = p["distill"], p["student"]
     # compute.processes > 1: accelerate launch; ddp: at most one process per example of an optimizer step, fsdp: all
-    # of them (they hold the student's shards), kd/sharding.py
+    # of them (they hold the student's shards), kd/train/sharding.py
     fsdp = p["compute"]["sharding"] == "fsdp"
     launch.relaunch(p["compute"]["processes"] if fsdp else min(p["compute"]["processes"], cfg["batch_size"]),
                     __spec__.name, [strategy], sharding=p["compute"]["sharding"])

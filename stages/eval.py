@@ -1,30 +1,30 @@
-"""Stages `eval_*`: zero-shot GSM8K accuracy of one arm (kd/arms.py) via lm-eval."""
+"""Stages `eval_*`: zero-shot GSM8K accuracy of one arm (kd/eval/arms.py) via lm-eval."""
 
-import kd.portable; kd.portable.apply()  # noqa: E702 - compute.portable: ISA caps, before torch loads
+import kd.core.portable; kd.core.portable.apply()  # noqa: E702 - compute.portable: ISA caps, before torch loads
 
 import click
 
-from kd.cli_util import run_stage
+from kd.core.entry import run_stage
 
 
 @click.command()
 @click.argument("model")
 def main(model):
-    from kd.arms import arm_names
-    from kd.evaluate import resolve_model
-    from kd.names import stage_arg
-    from kd.params import load_params
-    from kd.prompting import check_context
+    from kd.config.params import load_params
+    from kd.core.names import stage_arg
+    from kd.data.prompting import check_context
+    from kd.eval.arms import arm_names
+    from kd.eval.evaluate import resolve_model
 
     p = load_params()
     stage_arg("model", model, arm_names(p["prompting"]["strategies"]), "arm")  # before any path use
     resolve_model(model, p)  # a bad name fails here, before torch / lm-eval are imported
     check_context(p, ".", uses=("eval",), eval_models=[model])  # before the weights load
 
-    from kd.evaluate import evaluate_model
+    from kd.eval.evaluate import evaluate_model
 
     s = evaluate_model(model, p)
-    from kd.environment import record_environment
+    from kd.core.environment import record_environment
 
     record_environment(f"eval-{model}")  # environment/eval-<m>.json: the lineage beyond params + code
     print(f"eval@{model}: {s['items']} items, {s['tokens']} tokens, {s['seconds']:.1f} s; "

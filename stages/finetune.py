@@ -1,21 +1,21 @@
 """Stage `finetune`: the fine-tune control, the KD arms minus the teacher. Its settings are derived from `distill.*`
-(kd.trainer.control_config: optimizer, lr, schedule, batch, LoRA, ... all shared) and it trains on the same transfer
+(kd.train.run.control_config: optimizer, lr, schedule, batch, LoRA, ... all shared) and it trains on the same transfer
 questions in the same seeded order, with the KD arms' loss alpha * CE(gold solution) and no teacher term: same CE
-weight, same dropout masks on the gold pass (kd/distill.py). A KD-vs-control difference is then the teacher term's
+weight, same dropout masks on the gold pass (kd/train/distill.py). A KD-vs-control difference is then the teacher term's
 contribution alone (under `distill.hard_target: gold`, the default and the paper's; docs/science.md)."""
 
-import kd.portable; kd.portable.apply()  # noqa: E702 - compute.portable: ISA caps, before torch loads
+import kd.core.portable; kd.core.portable.apply()  # noqa: E702 - compute.portable: ISA caps, before torch loads
 
 import click
 
-from kd.cli_util import run_stage
-from kd.distill import build_gold_examples
-from kd.environment import record_environment
-from kd.io import read_jsonl
-from kd.loading import load_tokenizer
-from kd.params import load_params
-from kd.seeding import seed_everything
-from kd.trainer import control_config, fingerprint, lora_student, run_training, validation, weights_digest
+from kd.config.params import load_params
+from kd.core.entry import run_stage
+from kd.core.environment import record_environment
+from kd.core.io import read_jsonl
+from kd.core.seeding import seed_everything
+from kd.models.loading import load_tokenizer
+from kd.train.distill import build_gold_examples
+from kd.train.run import control_config, fingerprint, lora_student, run_training, validation, weights_digest
 
 
 @click.command()

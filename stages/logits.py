@@ -1,21 +1,21 @@
 """Stage `logits@<strategy>`: teacher forward over (primed prompt + its response); store the teacher signal."""
 
-import kd.portable; kd.portable.apply()  # noqa: E702 - compute.portable: ISA caps, before torch loads
+import kd.core.portable; kd.core.portable.apply()  # noqa: E702 - compute.portable: ISA caps, before torch loads
 
 import time
 from pathlib import Path
 
 import click
 
-from kd import launch
-from kd.cli_util import run_stage
-from kd.environment import record_environment
-from kd.io import read_json, read_jsonl
-from kd.loading import load_model
-from kd.names import stage_arg
-from kd.params import load_config
-from kd.seeding import seed_everything
-from kd.teacher_signal import check_plain_head, check_responses, record_signal
+from kd.config.params import load_config
+from kd.core import launch
+from kd.core.entry import run_stage
+from kd.core.environment import record_environment
+from kd.core.io import read_json, read_jsonl
+from kd.core.names import stage_arg
+from kd.core.seeding import seed_everything
+from kd.models.loading import load_model
+from kd.teacher.signal import check_plain_head, check_responses, record_signal
 
 
 @click.command()

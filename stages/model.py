@@ -5,10 +5,10 @@ import time
 
 import click
 
-from kd.cli_util import run_stage
-from kd.materialise import materialise
-from kd.models import validate_spec
-from kd.params import load_params
+from kd.config.params import load_params
+from kd.core.entry import run_stage
+from kd.models.materialise import materialise
+from kd.models.registry import validate_spec
 
 
 @click.command()

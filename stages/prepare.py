@@ -4,10 +4,10 @@ import time
 
 import click
 
-from kd.cli_util import run_stage
-from kd.data import load_source, make_splits
-from kd.io import write_json, write_jsonl
-from kd.params import load_config
+from kd.config.params import load_config
+from kd.core.entry import run_stage
+from kd.core.io import write_json, write_jsonl
+from kd.data.gsm8k import load_source, make_splits
 
 
 @click.command()

@@ -7,11 +7,11 @@ import time
 
 import click
 
-from kd.cli_util import run_stage
-from kd.environment import write_headline
-from kd.params import load_params
-from kd.curves import write_curves
-from kd.report import read_attention, trained_arms, write_report
+from kd.config.params import load_params
+from kd.core.entry import run_stage
+from kd.core.environment import write_headline
+from kd.report.page import read_attention, trained_arms, write_report
+from kd.train.curves import write_curves
 
 
 @click.command()

@@ -1,6 +1,6 @@
 """Stage `teacher@<strategy>`: the teacher answers every transfer question under one priming strategy."""
 
-import kd.portable; kd.portable.apply()  # noqa: E702 - compute.portable: ISA caps, before torch loads
+import kd.core.portable; kd.core.portable.apply()  # noqa: E702 - compute.portable: ISA caps, before torch loads
 
 import time
 from pathlib import Path
@@ -8,16 +8,16 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from kd import launch
-from kd.cli_util import run_stage
-from kd.environment import record_environment
-from kd.generate import fingerprint, run_generation, summarize
-from kd.io import read_jsonl, remove_tree, write_json, write_jsonl
-from kd.loading import load_model, load_tokenizer
-from kd.names import stage_arg
-from kd.params import load_params
-from kd.prompting import check_context, load_strategies
-from kd.seeding import seed_everything
+from kd.config.params import load_params
+from kd.core import launch
+from kd.core.entry import run_stage
+from kd.core.environment import record_environment
+from kd.core.io import read_jsonl, remove_tree, write_json, write_jsonl
+from kd.core.names import stage_arg
+from kd.core.seeding import seed_everything
+from kd.data.prompting import check_context, load_strategies
+from kd.models.loading import load_model, load_tokenizer
+from kd.teacher.responses import fingerprint, run_generation, summarize
 
 
 @click.command()

@@ -7,10 +7,10 @@ the stages that use the changed key. It is `persist: true`, so DVC never deletes
 
 import click
 
-from kd.cli_util import run_stage
-from kd.io import write_text
-from kd.params import load_params
-from kd.guard import VALIDATED, check_layout
+from kd.config.params import load_params
+from kd.core.entry import run_stage
+from kd.core.guard import VALIDATED, check_layout
+from kd.core.io import write_text
 
 TEXT = ("params.yaml and the prompting file passed kd-prime's checks (stages/validate.py). Every stage depends on this\n"
         "file so that DVC runs the checks before it deletes any output; its bytes never change.\n")

@@ -13,7 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """Tiny random teacher and student folders (built once per test session)."""
-    from kd.tiny import save_tiny
+    from kd.models.tiny import save_tiny
 
     root = tmp_path_factory.mktemp("tiny")
     save_tiny("tiny-teacher", root / "teacher")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from kd.profiles import load as load_profile
+from kd.config.profiles import load as load_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,3 +83,14 @@ def dvc_project(root: Path, strategies: list[str]) -> tuple[Path, dict, str]:
     run_cmd(["git", "add", "-A"], root, env)
     run_cmd(["git", "commit", "-qm", "tiny run"], root, env)
     return root, env, out
+
+
+def fresh_clone(tmp: Path) -> tuple[Path, dict]:
+    """A git repository holding the project with the tiny profile and no outputs, and a fresh clone of it."""
+    from kd.harness.dvc_project import make_copy, tool_env
+
+    env = tool_env()
+    make_copy(ROOT, tmp / "origin", profile="tiny", env=env)
+    run_cmd(["git", "clone", "-q", str(tmp / "origin"), str(tmp / "clone")], tmp, env)
+    clone = tmp / "clone"
+    return clone, tool_env(root=clone)  # `python -m kd...` and the stages import the clone's kd

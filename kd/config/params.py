@@ -1,0 +1,397 @@
+"""params.yaml: load and validate every key before any stage does expensive work.
+
+The params are typed config objects (`Params`, pydantic v2 models: one class per section, unknown keys forbidden, so
+a typo in `distill.lrr` never silently trains with the default). Each field's check is one of the small checkers
+below; a bad value raises ParamError naming the dotted key (pydantic's error location) and what is allowed."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+
+from kd.core.dtypes import NAMES as DTYPES
+from kd.core.errors import ParamError
+from kd.train.qlora import OPTIMIZERS
+from kd.train.qlora import check_params as check_qlora
+
+LOGIT_FORMATS = ["hidden", "full", "topk"]
+LOSSES = ["reverse_kl", "forward_kl", "jsd"]
+HARD_TARGETS = ["teacher", "gold"]
+RESPONSE_FILTERS = ["all", "finished", "correct"]  # which teacher responses distill trains on (kd.train.distill)
+TUNE_OBJECTIVES = ["accuracy", "nll"]  # kd tune: validation strict accuracy (lm-eval) | validation gold NLL
+DECODES = ["invariant", "batched"]  # compute.decode: kd/generation/decode.py's mode for teacher@* and eval_*
+SHARDINGS = ["ddp", "fsdp"]  # compute.sharding: how distill@* spreads the student over processes (kd/train/sharding.py)
+QUANTIZATIONS = ["bnb-4bit", "bnb-8bit"]  # load-time bitsandbytes quantization (teacher; student: kd/train/qlora.py)
+PRIMARY_METRICS = ["strict", "flexible"]  # report.primary_metric: lm-eval gsm8k strict-match | flexible-extract
+# A float as YAML 1.2 (and so DVC, `dvc exp run -S lr=1e-4`) reads it; PyYAML (YAML 1.1) leaves `1e-4` a string
+YAML12_FLOAT = re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$")
+MIN_TEMPERATURE = 0.01  # logits / T stays far inside float range (|logits| < 1e4 -> 1e6) and T**2 far from underflow
+SOURCE_RE = re.compile(r"^(hub:\S+|jsonl:\S+|pypi:[A-Za-z0-9_.\-]+(==\S+)?)$")
+
+
+class Bad(ValueError):
+    """A field's value is wrong: what is wrong, and what is allowed (ParamError adds the key)."""
+
+    def __init__(self, problem: str, allowed: str | None = None):
+        super().__init__(problem)
+        self.problem, self.allowed = problem, allowed
+
+
+# --- small checkers: each returns the cleaned value or raises Bad ----------------------------------------
+def _int(lo: int | None = None, hi: int | None = None) -> Callable[[Any], int]:
+    def check(v):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise Bad(f"must be an integer, got {v!r}", _range(lo, hi))
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise Bad(f"is out of range: {v}", _range(lo, hi))
+        return v
+    return check
+
+
+def _float(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Callable[[Any], float]:
+    desc = f"a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+
+    def check(v):
+        if isinstance(v, str) and YAML12_FLOAT.match(v.strip()):  # `1e-4`: a number to YAML 1.2, DVC and users
+            v = float(v)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise Bad(f"must be a finite number, got {v!r}", desc)
+        v = float(v)
+        if v < lo or v > hi or (lo_open and v == lo) or (hi_open and v == hi):
+            raise Bad(f"is out of range: {v}", desc)
+        return v
+    return check
+
+
+def _choice(options: list[str]) -> Callable[[Any], str]:
+    def check(v):
+        if v not in options:
+            raise Bad(f"is {v!r}", ", ".join(options))
+        return v
+    return check
+
+
+def _bool(v):
+    if not isinstance(v, bool):
+        raise Bad(f"must be true or false, got {v!r}", "true, false")
+    return v
+
+
+def _str(v):
+    if not isinstance(v, str) or not v.strip():
+        raise Bad(f"must be a non-empty string, got {v!r}")
+    return v
+
+
+def _project_file(v):
+    """A file a stage reads: a relative path inside the project, so that dvc.yaml can declare it as a dep."""
+    v = _str(v)
+    p = Path(v)
+    if p.is_absolute() or ".." in p.parts or v.startswith("~"):
+        raise Bad(f"is {v!r}, not a path inside the project",
+                  "a relative path such as strategies.yaml (DVC tracks it as a dep of the stages that read it)")
+    return v
+
+
+def _text(v):
+    if not isinstance(v, str):
+        raise Bad(f"must be a string, got {v!r}")
+    return v
+
+
+def _optional(check):
+    return lambda v: None if v is None else check(v)
+
+
+def _str_list(v):
+    if not isinstance(v, list) or not v or not all(isinstance(x, str) and x for x in v):
+        raise Bad(f"must be a non-empty list of names, got {v!r}")
+    if len(set(v)) != len(v):
+        raise Bad(f"has duplicates: {v}")
+    return v
+
+
+def _strategy_list(v):
+    from kd.core.names import strategy
+
+    return [strategy(x, "prompting.strategies") for x in _str_list(v)]
+
+
+def _instruction(v):
+    from kd.data.prompting import check_instruction
+
+    return check_instruction(_text(v), "prompting.instruction")
+
+
+def _source(v):
+    if not isinstance(v, str) or not SOURCE_RE.match(v):
+        raise Bad(f"is {v!r}", "hub:<dataset id>, jsonl:<folder>, pypi:<package>[==<version>]")
+    return v
+
+
+def _interval(lo: float, hi: float, positive: bool = False) -> Callable[[Any], list[float]]:
+    """A search interval [low, high] inside [lo, hi] (positive: both ends > 0, for a log scale)."""
+    desc = f"[low, high] with {lo} <= low < high <= {hi}" + (" and low > 0 (log scale)" if positive else "")
+
+    def check(v):
+        if (not isinstance(v, list) or len(v) != 2
+                or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) for x in v)):
+            raise Bad(f"must be a pair of numbers, got {v!r}", desc)
+        a, b = float(v[0]), float(v[1])
+        if not (lo <= a < b <= hi) or (positive and a <= 0):
+            raise Bad(f"is out of range: {v}", desc)
+        return [a, b]
+    return check
+
+
+def _int_choices(lo: int, hi: int) -> Callable[[Any], list[int]]:
+    def check(v):
+        if (not isinstance(v, list) or not v or len(set(map(str, v))) != len(v)
+                or any(isinstance(x, bool) or not isinstance(x, int) or not lo <= x <= hi for x in v)):
+            raise Bad(f"must be a non-empty list of distinct integers, got {v!r}", f"integers in [{lo}, {hi}]")
+        return v
+    return check
+
+
+def _range(lo, hi):
+    if lo is not None and hi is not None:
+        return f"an integer in [{lo}, {hi}]"
+    return f"an integer >= {lo}" if lo is not None else None
+
+
+def F(typ, check):  # noqa: N802 - a field: its Python type, checked by `check` before pydantic sees it
+    return Annotated[typ, BeforeValidator(check)]
+
+
+# --- the params, one model per section (field order = params.yaml order = the order errors are reported in) ---
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Prepare(Section):
+    source: F(str, _source)
+    transfer_size: F(int, _int(1, 10**6))
+    validation_size: F(int, _int(0, 10**6))
+    eval_size: F(int, _int(1, 10**6))
+
+
+class Prompting(Section):
+    strategies: F(list[str], _strategy_list)
+    file: F(str, _project_file)
+    instruction: F(str, _instruction)
+
+
+class Model(Section):
+    model: F(str, _str)
+    dtype: F(str, _choice(DTYPES))
+    trust_remote_code: F(bool, _bool)
+
+
+class Student(Model):
+    quantization: F(Optional[str], _optional(_choice(QUANTIZATIONS)))  # QLoRA (kd/train/qlora.py)
+
+
+class Teacher(Model):
+    max_new_tokens: F(int, _int(1, 32768))
+    batch_size: F(int, _int(1, 4096))
+    quantization: F(Optional[str], _optional(_choice(QUANTIZATIONS)))
+
+
+class Logits(Section):
+    format: F(str, _choice(LOGIT_FORMATS))
+    top_k: F(int, _int(1, 10**7))
+    shard_rows: F(int, _int(1, 10**9))
+
+
+class Lora(Section):
+    r: F(int, _int(1, 4096))
+    alpha: F(float, _float(0.0, 1e6, lo_open=True))
+    dropout: F(float, _float(0.0, 1.0, hi_open=True))
+    target_modules: F(list[str], _str_list)
+
+
+class Distill(Section):
+    loss: F(str, _choice(LOSSES))
+    hard_target: F(str, _choice(HARD_TARGETS))
+    response_filter: F(str, _choice(RESPONSE_FILTERS))
+    epochs: F(int, _int(1, 1000))
+    lr: F(float, _float(0.0, 10.0, lo_open=True))
+    momentum: F(float, _float(0.0, 1.0, hi_open=True))
+    weight_decay: F(float, _float(0.0, 1.0))
+    max_length: F(int, _int(16, 10**6))
+    kd_chunk: F(int, _int(1, 10**6))
+    checkpoint_every: F(int, _int(1, 10**9))
+    optimizer: F(str, _choice(OPTIMIZERS))  # kd/train/qlora.py: sgd (the paper's), torch's AdamW, bitsandbytes' 8-bit AdamW
+    batch_size: F(int, _int(1, 4096))  # examples per optimizer step, shared over compute.processes
+    val_every: F(int, _int(0, 10**9))  # steps between validation gold NLLs (0: before and after training only)
+    lora: Lora
+
+
+class Eval(Section):
+    limit: F(Optional[int], _optional(_int(1, 10**7)))
+    max_new_tokens: F(int, _int(1, 32768))
+    batch_size: F(int, _int(1, 4096))
+
+
+class Report(Section):
+    attention_prompts: F(int, _int(1, 256))
+    primary_metric: F(str, _choice(PRIMARY_METRICS))  # kd/report/page.py: the conclusion's metric, named before the run
+    planning_disagreement: F(float, _float(0.0, 1.0, lo_open=True))  # kd/report/page.py, `kd plan`
+
+
+class Compute(Section):
+    portable: F(bool, _bool)  # kd/core/portable.py
+    processes: F(int, _int(1, 4096))  # kd/core/launch.py
+    sharding: F(str, _choice(SHARDINGS))  # kd/train/sharding.py
+    decode: F(str, _choice(DECODES))  # kd/generation/decode.py: batch-invariant (default) or the faster batched kernels
+
+
+class Pruner(Section):
+    startup_trials: F(int, _int(0, 10**6))
+    warmup_steps: F(int, _int(0, 10**9))
+
+
+class Space(Section):
+    alpha: F(list[float], _interval(0.0, 1.0))
+    temperature: F(list[float], _interval(MIN_TEMPERATURE, 100.0, positive=True))
+    lr: F(Optional[list[float]], _optional(_interval(0.0, 10.0, positive=True)))
+    lora_r: F(Optional[list[int]], _optional(_int_choices(1, 4096)))
+
+
+class Tune(Section):
+    """`kd tune` (kd/tools/tune/study.py): no stage reads these, so editing them never invalidates the pipeline."""
+    strategy: F(str, _str)
+    objective: F(str, _choice(TUNE_OBJECTIVES))
+    n_trials: F(int, _int(1, 10**6))
+    timeout: F(Optional[int], _optional(_int(1, 10**8)))
+    storage: F(str, _str)
+    study: F(Optional[str], _optional(_str))
+    report_every: F(int, _int(1, 10**9))
+    heartbeat: F(int, _int(1, 86400))
+    pruner: Pruner
+    space: Space
+
+
+class Params(Section):
+    profile: F(Optional[str], _optional(_str)) = None
+    seed: F(int, _int(0, 2**32 - 1))
+    alpha: F(float, _float(0.0, 1.0))
+    temperature: F(float, _float(MIN_TEMPERATURE, 100.0))
+    prepare: Prepare
+    prompting: Prompting
+    teacher: Teacher
+    student: Student
+    logits: Logits
+    distill: Distill
+    eval: Eval
+    report: Report
+    compute: Compute
+    tune: Tune
+
+
+def _order(model: type[BaseModel], loc: tuple) -> tuple:
+    """Where an error sits in params order: per level, a field's position, an unknown key before every field."""
+    out = []
+    for part in loc:
+        fields = list(model.model_fields) if model is not None else []
+        out.append(fields.index(part) if part in fields else -1)
+        ann = model.model_fields[part].annotation if part in fields else None
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return tuple(out)
+
+
+def _allowed_keys(loc: tuple) -> str:
+    model: Any = Params
+    for part in loc:
+        model = model.model_fields[part].annotation
+    prefix = "".join(f"{p}." for p in loc)
+    return ", ".join(prefix + k for k in model.model_fields)
+
+
+def _param_error(e: ValidationError) -> ParamError:
+    """The first error in params order, as ParamError(dotted key, problem, allowed)."""
+    err = min(e.errors(), key=lambda x: _order(Params, x["loc"]))
+    loc = tuple(str(p) for p in err["loc"])
+    key = ".".join(loc)
+    if err["type"] == "extra_forbidden":
+        return ParamError(key, "is not a known key", _allowed_keys(loc[:-1]))
+    if err["type"] == "missing":
+        return ParamError(key, "is missing")
+    if err["type"] == "model_type":
+        return ParamError(key or "params", f"must be a mapping, got {err['input']!r}")
+    bad = (err.get("ctx") or {}).get("error")
+    if isinstance(bad, Bad):
+        return ParamError(key, bad.problem, bad.allowed)
+    return ParamError(key, err["msg"])  # pragma: no cover - every field has a checker
+
+
+def parse(data: Any) -> Params:
+    """Field-by-field validation of a parsed params mapping into typed config objects (no cross-key checks)."""
+    try:
+        return Params.model_validate(data)
+    except ValidationError as e:
+        raise _param_error(e) from None
+
+
+def validate(data: Any, root: str | Path = ".") -> dict:
+    """Validate a parsed params mapping; cross-key checks included. Returns the cleaned params as plain data
+    (`config` returns the typed objects)."""
+    return config(data, root).model_dump()
+
+
+def config(data: Any, root: str | Path = ".") -> Params:
+    """Validate a parsed params mapping, cross-key checks included, into typed config objects."""
+    c = parse(data)
+    from kd.data.prompting import load_strategies
+    from kd.models.registry import validate_spec
+
+    strategies = load_strategies(Path(root) / c.prompting.file)
+    for s in c.prompting.strategies:
+        if s not in strategies:
+            raise ParamError("prompting.strategies", f"names unknown strategy {s!r}",
+                             ", ".join(strategies) + f" (defined in {c.prompting.file})")
+    if c.compute.portable:
+        for role, m in (("teacher", c.teacher), ("student", c.student)):
+            if m.dtype != "float32":
+                raise ParamError("compute.portable", f"is true, which needs {role}.dtype float32, not "
+                                 f"{m.dtype} (bf16 matmul kernels round differently on different CPUs; "
+                                 "docs/reproducibility.md)", "false, or true with float32 teacher and student dtypes")
+    check_qlora(c.model_dump())
+    if c.compute.sharding == "fsdp" and (c.student.quantization or c.distill.optimizer != "sgd"):
+        # sgd only: the one optimiser tests/train/test_sharding.py runs sharded (AdamW over DTensors is untested here)
+        raise ParamError("compute.sharding", f"is fsdp, which kd/train/sharding.py runs with a full-precision student and "
+                         f"sgd, not student.quantization {c.student.quantization} / distill.optimizer "
+                         f"{c.distill.optimizer}",
+                         "ddp, or fsdp with student.quantization null and distill.optimizer sgd")
+    cores = os.cpu_count() or 1
+    if c.compute.processes > cores:
+        raise ParamError("compute.processes", f"is {c.compute.processes}, more than this machine's {cores} CPU cores",
+                         f"1 to {cores} here (one process per core or device)")
+    if c.tune.strategy not in c.prompting.strategies:
+        raise ParamError("tune.strategy", f"is {c.tune.strategy!r}, not one of prompting.strategies",
+                         ", ".join(c.prompting.strategies))
+    for role, m in (("teacher", c.teacher), ("student", c.student)):
+        validate_spec(m.model, key=f"{role}.model", root=root)
+    return c
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Strict: duplicate keys, anchors/aliases (YAML bombs) and files over 1 MiB are errors (kd.core.io.read_yaml)."""
+    from kd.core.io import read_yaml as strict
+
+    return strict(path, "create one with `kd profile tiny`")
+
+
+def load_params(path: str | Path = "params.yaml", root: str | Path = ".") -> dict:
+    """Paths inside params (prompting.file, jsonl sources, local models) are relative to the project root."""
+    return validate(read_yaml(path), root=root)
+
+
+def load_config(path: str | Path = "params.yaml", root: str | Path = ".") -> Params:
+    """load_params as typed config objects: `load_config().distill.lora.r`."""
+    return config(read_yaml(path), root=root)

@@ -1,0 +1,1 @@
+"""Shared foundations: errors, atomic I/O, paths, seeding, portable mode, the environment record, names, the stage entry frame."""

@@ -1,0 +1,1 @@
+"""GSM8K: loading, slicing, answer parsing, and the priming prompts."""

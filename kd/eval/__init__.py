@@ -1,0 +1,1 @@
+"""Evaluation: the lm-eval adapter, arms, attention statistics and paired comparisons."""

@@ -1,0 +1,1 @@
+"""Reproducibility machinery: kd repro, verify, invalidation, code deps and the DVC project."""

@@ -1,0 +1,1 @@
+"""Model registry, materialising GGUF/hub models into safetensors folders, and loading them."""

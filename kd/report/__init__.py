@@ -1,0 +1,1 @@
+"""The report page and plots, and the pull-request report."""

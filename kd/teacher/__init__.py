@@ -1,0 +1,1 @@
+"""Teacher stages: responses under each priming strategy, and the teacher's logits on them."""

@@ -1,0 +1,1 @@
+"""The `kd` command and its tools: plan, bench, tune, select."""

@@ -1,0 +1,1 @@
+"""`kd bench`: speed and batch-invariance benchmarks."""

@@ -1,0 +1,1 @@
+"""`kd select`: measured choices behind a profile (instruction targets, training recipe)."""

@@ -1,0 +1,1 @@
+"""`kd tune`: optuna study over training recipes, chosen on the validation split."""
