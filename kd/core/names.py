@@ -27,10 +27,11 @@ def is_strategy(name: object) -> bool:
 
 
 def is_model(name: object) -> bool:
-    """An arm name (kd/eval/arms.py): a baseline or kd-<safe strategy name>."""
-    from kd.eval.arms import BASELINES
+    """An arm name (kd/eval/arms.py's table): a baseline or kd-<safe strategy name>."""
+    from kd.eval.arms import arm_kind
 
-    return isinstance(name, str) and (name in BASELINES or (name.startswith("kd-") and is_strategy(name[3:])))
+    found = arm_kind(name) if isinstance(name, str) else None
+    return found is not None and (found[1] is None or is_strategy(found[1]))
 
 
 def strategy(name: object, key: str = "prompting.strategies") -> str:
@@ -43,8 +44,10 @@ def strategy(name: object, key: str = "prompting.strategies") -> str:
 
 def model(name: object, key: str = "arm") -> str:
     if not is_model(name):
+        from kd.eval.arms import ARMS
+
         raise ParamError(key, f"has the model name {_show(name)}",
-                         "teacher, student, student_cot, finetune, kd-<strategy name>")
+                         ", ".join(k.name.replace("{s}", "<strategy name>") for k in ARMS))
     return name  # type: ignore[return-value]
 
 

@@ -20,9 +20,37 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from kd.core.errors import ParamError
+from kd.core.errors import KdError, ParamError
 
-BASELINES = ("teacher", "student", "student_cot", "finetune")
+
+@dataclass(frozen=True)
+class ArmKind:
+    """One row of the arms table: a baseline, or the per-strategy family `kd-{s}` (one arm per strategy)."""
+    name: str                    # the arm; "kd-{s}" stands for kd-<strategy> for every prompting.strategies entry
+    role: str                    # teacher | student: whose params (dtype, trust_remote_code) apply
+    prompt: str                  # task | cot (kd.data.prompting.eval_prompt)
+    adapter: str | None          # its LoRA adapter over the role's model: models/<adapter>, or None (none)
+    trained_by: str | None       # the stage that writes that adapter
+    eval_stage: str              # the dvc.yaml stage that evaluates it
+    attention_stage: str | None  # the stage that summarises its attention (the student's weights), or None
+    text: str                    # what it is, in the report's accuracy table
+
+
+# The arms table, in report order: what each arm is and which stages make and measure it. Names, evaluation,
+# attention, the report, comparisons and the invalidation table read it; tests/eval/test_arms.py checks dvc.yaml's
+# training, eval and attention stages against it. A new arm is a new row (docs/extending.md).
+ARMS = (
+    ArmKind("teacher", "teacher", "task", None, None, "eval_teacher", None, "the teacher"),
+    ArmKind("student", "student", "task", None, None, "eval_student@student", "attention_student",
+            "base student (no training)"),
+    ArmKind("student_cot", "student", "cot", None, None, "eval_student@student_cot", None,
+            "base student, stock zero-shot CoT prompt"),
+    ArmKind("finetune", "student", "task", "finetune", "finetune", "eval_finetune", "attention_finetune",
+            "fine-tune control: CE on gold solutions, no teacher"),
+    ArmKind("kd-{s}", "student", "task", "kd-{s}", "distill@{s}", "eval_kd@{s}", "attention_kd@{s}",
+            "KD, strategy `{s}`"),
+)
+BASELINES = tuple(k.name for k in ARMS if "{s}" not in k.name)
 BASE_ARM = "student"  # every trained arm is compared with this one, paired on the same questions
 PROMPTS = ("task", "cot")
 
@@ -34,33 +62,69 @@ class Arm:
     model_dir: Path           # the full model folder
     adapter_dir: Path | None  # LoRA adapter over model_dir (finetune, kd-*), else None
     prompt: str               # task | cot (kd.data.prompting.eval_prompt)
+    trained_by: str | None    # the stage that writes adapter_dir
+    eval_stage: str
+    attention_stage: str | None
+    text: str
 
     @property
     def trained(self) -> bool:
         return self.adapter_dir is not None
 
 
+def arm_kind(name: str) -> tuple[ArmKind, str | None] | None:
+    """The table row an arm name has the shape of, and its strategy (kd-<s>), or None. Checks no strategy list."""
+    for kind in ARMS:
+        if kind.name == name:
+            return kind, None
+        head = kind.name.split("{s}")[0]
+        if "{s}" in kind.name and name.startswith(head) and len(name) > len(head):
+            return kind, name[len(head):]
+    return None
+
+
+def trained_by(name: str) -> str | None:
+    """The stage that writes arm `name`'s adapter (from the name's shape alone), or None."""
+    found = arm_kind(name)
+    if found is None or found[0].trained_by is None:
+        return None
+    kind, s = found
+    return kind.trained_by.format(s=s) if s is not None else kind.trained_by
+
+
+def run_name(arm: str) -> str:
+    """A trained arm's run folder (results/distill/<run>.json, reports/distill/<run>/): its training stage's item,
+    `finetune` or the strategy of `kd-<strategy>`."""
+    stage = trained_by(arm)
+    if stage is None:
+        raise KdError(f"arm {arm!r} is not trained (no training run)")
+    return stage.split("@")[-1]
+
+
 def arm_names(strategies: Sequence[str]) -> list[str]:
     """Every arm, in report order."""
-    return [*BASELINES, *(f"kd-{s}" for s in strategies)]
+    return [n for k in ARMS for n in ([k.name.format(s=s) for s in strategies] if "{s}" in k.name else [k.name])]
+
+
+def stages_of(strategies: Sequence[str], column: str) -> list[str]:
+    """One column of the table over every arm (`trained_by`, `eval_stage` or `attention_stage`), Nones dropped."""
+    return [st for a in arm_names(strategies) if (st := getattr(resolve(a, strategies), column)) is not None]
 
 
 def student_arms(strategies: Sequence[str]) -> list[str]:
     """The arms that are the student's weights (base, fine-tuned, distilled): the attention report's models."""
-    return [a for a in arm_names(strategies) if a not in ("teacher", "student_cot")]
+    return [a for a in arm_names(strategies) if resolve(a, strategies).attention_stage is not None]
 
 
 def resolve(name: str, strategies: Sequence[str], models_dir: str | Path = "models") -> Arm:
-    """Map an arm name to its folders. Validates the name only; touches no files."""
-    models_dir = Path(models_dir)
+    """Map an arm name to its folders and stages. Validates the name only; touches no files."""
     allowed = arm_names(strategies)
-    if name not in allowed:
+    found = arm_kind(name) if name in allowed else None
+    if found is None:
         raise ParamError("arm", f"{name!r} is not an arm of this experiment", ", ".join(allowed))
-    if name == "teacher":
-        return Arm(name, "teacher", models_dir / "teacher", None, "task")
-    student = models_dir / "student"
-    if name == "student":
-        return Arm(name, "student", student, None, "task")
-    if name == "student_cot":
-        return Arm(name, "student", student, None, "cot")
-    return Arm(name, "student", student, models_dir / name, "task")  # finetune, kd-<s>
+    kind, s = found
+    fill = (lambda v: v if v is None else v.format(s=s)) if s is not None else (lambda v: v)
+    models_dir = Path(models_dir)
+    adapter = fill(kind.adapter)
+    return Arm(name, kind.role, models_dir / kind.role, models_dir / adapter if adapter else None, kind.prompt,
+               fill(kind.trained_by), fill(kind.eval_stage), fill(kind.attention_stage), fill(kind.text))

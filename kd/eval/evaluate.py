@@ -65,11 +65,12 @@ def resolve_model(name: str, params: dict, models_dir: str | Path = MODELS_DIR) 
 
 def check_model_files(spec: ModelSpec) -> None:
     """Fail with a KdError (naming the stage to run) before lm-eval gets to see a half-made folder."""
+    from kd.eval.arms import trained_by
     from kd.models.loading import _check_dir, check_safetensors
 
     _check_dir(spec.pretrained)
     if spec.peft is not None:
-        stage = "finetune" if spec.name == "finetune" else f"distill@{spec.name[len('kd-'):]}"
+        stage = trained_by(spec.name)
         for f in ("adapter_config.json", "adapter_model.safetensors"):
             if not (spec.peft / f).exists():
                 raise ArtefactError(f"{spec.peft}: not a LoRA adapter folder (no {f}); "

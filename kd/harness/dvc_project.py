@@ -18,6 +18,11 @@ from kd.core.paths import SOURCE_ROOT
 ROOT = SOURCE_ROOT
 
 
+def project_root() -> Path:
+    """The project a `kd` command acts on: the current folder when it holds dvc.yaml, else the checkout kd runs from."""
+    return Path.cwd() if (Path.cwd() / "dvc.yaml").exists() else ROOT
+
+
 class VerifyError(KdError):
     """Setup failed (copy, git, dvc): not a reproducibility verdict."""
 

@@ -11,6 +11,7 @@ from typing import Any, Iterable
 
 import yaml
 
+from kd.eval.arms import ARMS
 from kd.harness.dvc_project import VerifyError, read_lock, stale_stages
 
 
@@ -30,11 +31,19 @@ class Change:
     why: str = ""
 
 
+
+
+def _arm_stages(role: str | None, column: str) -> tuple[str, ...]:
+    """A column of the arms table (kd/eval/arms.py) as stage patterns: kd-{s}'s stages for every strategy (@*)."""
+    return tuple(dict.fromkeys(getattr(k, column).replace("{s}", "*") for k in ARMS
+                               if getattr(k, column) and (role is None or k.role == role)))
+
+
 S_ALL = ("teacher@*", "logits@*", "distill@*")
-EVAL_STUDENTS = ("eval_student@*", "eval_finetune", "eval_kd@*")  # every arm over the student's weights
-EVAL_ALL = ("eval_teacher", *EVAL_STUDENTS)
-TRAIN_ALL = ("distill@*", "finetune")
-ATTN_ALL = ("attention_student", "attention_finetune", "attention_kd@*")  # every student arm's attention
+EVAL_STUDENTS = _arm_stages("student", "eval_stage")  # every arm over the student's weights
+EVAL_ALL = _arm_stages(None, "eval_stage")
+TRAIN_ALL = _arm_stages(None, "trained_by")
+ATTN_ALL = _arm_stages(None, "attention_stage")  # every student arm's attention
 # Hand-written, from what each stage's code reads (not from dvc.yaml: the point is to catch a dep missing there).
 INVALIDATION: list[Change] = [
     Change("seed", 7, ("prepare", *S_ALL, "finetune", *EVAL_ALL, *ATTN_ALL, "report"),

@@ -12,6 +12,7 @@ from typing import Any
 
 from kd.core.errors import ArtefactError
 from kd.core.io import atomic_path, read_json, read_jsonl, write_json, write_text
+from kd.eval.arms import resolve, run_name
 from kd.eval.comparisons import (  # noqa: F401
     KINDS,
     compare,
@@ -34,9 +35,6 @@ DISTILL_KEYS = ("final_loss", "final_ce", "final_kd", "steps", "examples", "hard
 # The primary metric is named in params before the run (report.primary_metric; default strict, lm-eval's gsm8k
 # strict-match, the standard reported number): the conclusion and the best arm use it alone.
 TEMPLATES = Path(__file__).parent / "templates"
-ARM_TEXT = {"teacher": "the teacher", "student": "base student (no training)",
-            "student_cot": "base student, stock zero-shot CoT prompt",
-            "finetune": "fine-tune control: CE on gold solutions, no teacher"}
 # keys of results/eval/<arm>.jsonl (the eval stage's per-question rows, committed to git)
 QUESTION_KEYS = ("id", "correct_strict", "correct_flexible", "truncated")
 # results/distill/<arm>.json keys of the training-effect table (absent in older results: shown as "—")
@@ -95,8 +93,7 @@ def collect(params: dict, root: str | Path = ".") -> dict:
         path = root / "results/teacher" / f"{s}.json"
         data["teacher"][s] = _need(path, read_json(path), TEACHER_KEYS)
     for arm in trained_arms(strategies):
-        name = "finetune" if arm == "finetune" else arm[len("kd-"):]
-        path = root / "results/distill" / f"{name}.json"
+        path = root / "results/distill" / f"{run_name(arm)}.json"
         data["distill"][arm] = _need(path, read_json(path), DISTILL_KEYS)
     data["summary"] = read_json(root / "data/prepared/summary.json")
     from kd.core.environment import load_environments, render_table
@@ -245,7 +242,9 @@ def render_markdown(an: dict) -> str:
     env.globals["nll_change"] = nll_change
     text = env.get_template("report.md.j2").render(
         an=an, p=an["params"], data=an["data"], ev=an["eval"], kinds=KINDS, primary=an["primary"], base=BASE_ARM,
-        trained=trained_arms(an["data"]["strategies"]), arm_text=ARM_TEXT, cot=COT_PROMPT, remote_code=_remote_code(an["params"]),
+        trained=trained_arms(an["data"]["strategies"]),
+        arm_text={m: resolve(m, an["data"]["strategies"]).text for m in an["data"]["models"]}, cot=COT_PROMPT,
+        remote_code=_remote_code(an["params"]),
         attn_stats=ATTN_STATS, attn_labels=ATTN_LABELS)
     return text.rstrip("\n") + "\n"
 

@@ -84,7 +84,7 @@ def validate(path):
 def verify(profile_name, tolerance, rtol, atol, skip_invalidation, quick, keep, workdir, committed, stages):
     """Run the pipeline twice from scratch in temp copies; compare every output and metric; check that each
     param/file change invalidates exactly the stages that use it. Exit 1 naming the first difference."""
-    from kd.harness.dvc_project import ROOT
+    from kd.harness.dvc_project import project_root
     from kd.harness.run_compare import DEFAULT_ATOL, DEFAULT_RTOL
     from kd.harness.verify import render
     from kd.harness.verify import verify as run_verify
@@ -113,7 +113,7 @@ def verify(profile_name, tolerance, rtol, atol, skip_invalidation, quick, keep, 
 
     check_profile(profile_name)
     tol = (DEFAULT_RTOL if rtol is None else rtol, DEFAULT_ATOL if atol is None else atol) if tolerance else None
-    root = Path.cwd() if (Path.cwd() / "dvc.yaml").exists() else ROOT
+    root = project_root()
     v = run_verify(root, profile_name, tol, Path(workdir) if workdir else None, keep, not skip_invalidation,
                    reproduce=not quick, echo=click.echo)
     click.echo(render(v))
@@ -158,9 +158,9 @@ def code_deps(check):
     """Regenerate dvc.yaml's kd/*.py deps: each stage's script's import closure (kd/harness/code_deps.py)."""
     from kd.core.io import write_text
     from kd.harness.code_deps import generated_dvc_yaml
-    from kd.harness.dvc_project import ROOT
+    from kd.harness.dvc_project import project_root
 
-    root = Path.cwd() if (Path.cwd() / "dvc.yaml").exists() else ROOT
+    root = project_root()
     text = generated_dvc_yaml(root)
     if (root / "dvc.yaml").read_text(encoding="utf-8") == text:
         click.echo("dvc.yaml: code deps up to date")
@@ -177,13 +177,13 @@ def code_deps(check):
 def invalidation_table(write):
     """The invalidation table (kd/harness/invalidation.py: change -> stages out of date) as Markdown."""
     from kd.core.io import write_text
-    from kd.harness.dvc_project import ROOT
+    from kd.harness.dvc_project import project_root
     from kd.harness.invalidation import DOC, doc_with_table, render_table
 
     if not write:
         click.echo(render_table(), nl=False)
         return
-    doc = (Path.cwd() if (Path.cwd() / "dvc.yaml").exists() else ROOT) / DOC
+    doc = project_root() / DOC
     write_text(doc, doc_with_table(doc.read_text(encoding="utf-8")))
     click.echo(f"wrote the invalidation table into {doc}")
 
@@ -357,11 +357,9 @@ def tune(n_trials, timeout, apply_, report_only):
         changes = apply_best(root)
         for key, (old, new) in changes.items():
             click.echo(f"params.yaml: {key}: {old} -> {new}")
-        if not changes:
-            click.echo("params.yaml already holds the study's best values")
-        else:
-            click.echo("now `dvc status` lists distill@* and report (finetune too if distill.lr or lora.r changed); "
-                       "`dvc repro` re-runs them and the evals that follow")
+        click.echo("now `dvc status` lists the stages these keys feed (distill@*, finetune, report: the table in "
+                   "docs/reproducibility.md); `dvc repro` re-runs them" if changes else
+                   "params.yaml already holds the study's best values")
         return
     p = load_params()
     if report_only:

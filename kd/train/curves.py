@@ -19,8 +19,10 @@ QUANTITIES = {"loss": "train/loss", "ce": "train/ce", "kd": "train/kd", "val_gol
 
 
 def run_dir(arm: str) -> str:
-    """An arm's training run folder under reports/distill/: `finetune`, or the strategy of `kd-<strategy>`."""
-    return "finetune" if arm == "finetune" else arm[len("kd-"):]
+    """An arm's training run folder under reports/distill/ (kd.eval.arms.run_name)."""
+    from kd.eval.arms import run_name
+
+    return run_name(arm)
 
 
 def _read(path: Path) -> list[tuple[int, float]]:

@@ -13,6 +13,7 @@ from kd.harness.invalidation import (
     DOC,
     DOC_BEGIN,
     DOC_END,
+    EVAL_ALL,
     INVALIDATION,
     Change,
     check_invalidation,
@@ -88,7 +89,7 @@ def test_doc_table_rows_and_write(tmp_path, monkeypatch):
     from kd.tools.cli import cli
 
     rows = render_table([Change("a.x", 1, ("distill@*", "report")), Change("a.y", 2, ("distill@*", "report")),
-                         Change("s", 3, ("eval_teacher", "eval_student@*", "eval_finetune", "eval_kd@*"),
+                         Change("s", 3, EVAL_ALL,
                                 ("attention_kd@*",), why="a | b <c>"), Change("t", 4)]).splitlines()
     assert rows[2:] == [r"| `a.x`, `a.y` | distill@\*, report |  |",
                         r"| `s` | eval_\*; tolerated: attention_kd@\* | a \| b \<c> |",
