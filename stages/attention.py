@@ -1,4 +1,4 @@
-"""Stages `attention_*`: per-layer attention statistics of one student arm (kd/eval/arms.py), exactly as evaluated
+"""Stages `attention_*`: per-layer attention statistics of one student arm (kd/config/arms.py), exactly as evaluated
 (adapter unmerged), over the first report.attention_prompts eval questions -> reports/attention/<arm>.json."""
 
 import kd.core.portable; kd.core.portable.apply()  # noqa: E702 - compute.portable: ISA caps, before torch loads
@@ -7,6 +7,7 @@ import time
 
 import click
 
+from kd.config.arms import student_arms
 from kd.config.params import load_config
 from kd.core.entry import run_stage
 from kd.core.environment import record_environment
@@ -14,7 +15,6 @@ from kd.core.io import write_json
 from kd.core.names import stage_arg
 from kd.core.paths import ATTENTION_DIR
 from kd.core.seeding import seed_everything
-from kd.eval.arms import student_arms
 from kd.eval.attention import arm_attention
 
 

@@ -14,7 +14,7 @@ from kd.core.seeding import seed_everything
 from kd.data.prompting import check_context
 from kd.train import sharding
 from kd.train.inputs import load_kd_inputs
-from kd.train.run import fingerprint, lora_student, run_training, validation, weights_digest
+from kd.train.run import StudentRun, fingerprint, run_training, weights_digest
 
 
 @click.command()
@@ -22,7 +22,8 @@ from kd.train.run import fingerprint, lora_student, run_training, validation, we
 def main(strategy):
     p = load_params()
     stage_arg("strategy", strategy, p["prompting"]["strategies"], "prompting.strategies")  # before any path use
-    cfg, s = p["distill"], p["student"]
+    run = StudentRun.of(p)
+    cfg = run.cfg
     # compute.processes > 1: accelerate launch; ddp: at most one process per example of an optimizer step, fsdp: all
     # of them (they hold the student's shards), kd/train/sharding.py
     fsdp = p["compute"]["sharding"] == "fsdp"
@@ -30,28 +31,24 @@ def main(strategy):
                     __spec__.name, [strategy], sharding=p["compute"]["sharding"])
     rank, procs = launch.init()
     # every artefact check runs before the student loads
-    inputs = load_kd_inputs(".", strategy, s["trust_remote_code"])
-    run_fp = fingerprint(cfg, p["alpha"], p["temperature"], p["seed"], p["prompting"]["instruction"],
+    inputs = load_kd_inputs(".", strategy, run.student["trust_remote_code"])
+    run_fp = fingerprint(cfg, run.alpha, run.temperature, run.seed, run.instruction,
                          sha256_file(f"data/logits/{strategy}/manifest.json"),
                          sha256_file(f"data/teacher/{strategy}/responses.jsonl"), weights_digest("models/student"))
-    seed_everything(p["seed"])
+    seed_everything(run.seed)
     check_context(p, ".", {"student": inputs.tokenizer}, uses=("distill",))  # before the weights load
-    kept, examples, skipped = inputs.examples(cfg["response_filter"], p["prompting"]["instruction"],
-                                              cfg["max_length"], cfg["hard_target"])
+    kept, examples, skipped = inputs.examples(cfg["response_filter"], run.instruction, cfg["max_length"],
+                                              cfg["hard_target"])
     sharded = fsdp and procs > 1  # one process has nothing to shard
-    model = lora_student("models/student", s["dtype"], s["trust_remote_code"], cfg["lora"], p["seed"],
-                         quantization=s["quantization"], device=None if sharded else launch.device())
+    model = run.model(device=None if sharded else launch.device())
     if sharded:  # loaded on the CPU, each block moved to this process's device as it is sharded
         sharding.shard(model, procs)
-    done = run_training(f"distill@{strategy}", model, examples, inputs.teacher_for, cfg,
-                 p["alpha"], p["temperature"], p["seed"], run_fp, adapter_dir=f"models/kd-{strategy}",
-                 curves_dir=f"reports/distill/{strategy}", metrics_path=f"results/distill/{strategy}.json",
-                 work_dir=f".kd-work/distill/{strategy}", width=inputs.vocab["kd_width"],
-                 extra={"skipped": len(skipped), "filtered_out": len(inputs.responses) - len(kept),
-                        "response_filter": cfg["response_filter"], "hard_target": cfg["hard_target"],
-                        "kd_width": inputs.vocab["kd_width"]}, shard=(rank, procs),
-                 validate=validation(".", inputs.tokenizer, p["prompting"]["instruction"], cfg["max_length"])
-                 if rank == 0 and not sharded else None)
+    done = run_training(run, f"kd-{strategy}", model, examples, inputs.teacher_for, run_fp,
+                        width=inputs.vocab["kd_width"], shard=(rank, procs),
+                        extra={"skipped": len(skipped), "filtered_out": len(inputs.responses) - len(kept),
+                               "response_filter": cfg["response_filter"], "hard_target": cfg["hard_target"],
+                               "kd_width": inputs.vocab["kd_width"]},
+                        validate=run.validation(inputs.tokenizer) if rank == 0 and not sharded else None)
     if done is not None:  # rank 0 wrote the adapter, curves and metrics
         record_environment(f"distill-{strategy}")  # environment/distill-<s>.json: the lineage beyond params + code
     launch.finish()

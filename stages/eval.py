@@ -1,4 +1,4 @@
-"""Stages `eval_*`: zero-shot GSM8K accuracy of one arm (kd/eval/arms.py) via lm-eval."""
+"""Stages `eval_*`: zero-shot GSM8K accuracy of one arm (kd/config/arms.py) via lm-eval."""
 
 import kd.core.portable; kd.core.portable.apply()  # noqa: E702 - compute.portable: ISA caps, before torch loads
 
@@ -10,10 +10,10 @@ from kd.core.entry import run_stage
 @click.command()
 @click.argument("model")
 def main(model):
+    from kd.config.arms import arm_names
     from kd.config.params import load_params
     from kd.core.names import stage_arg
     from kd.data.prompting import check_context
-    from kd.eval.arms import arm_names
     from kd.eval.evaluate import resolve_model
 
     p = load_params()

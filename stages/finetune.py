@@ -1,6 +1,6 @@
-"""Stage `finetune`: the fine-tune control, the KD arms minus the teacher. Its settings are derived from `distill.*`
-(kd.train.run.control_config: optimizer, lr, schedule, batch, LoRA, ... all shared) and it trains on the same transfer
-questions in the same seeded order, with the KD arms' loss alpha * CE(gold solution) and no teacher term: same CE
+"""Stage `finetune`: the fine-tune control, the KD arms minus the teacher. Its run is the KD arms' with the teacher
+term's settings removed (kd.train.run.StudentRun.of(p, control=True): optimizer, lr, schedule, batch, LoRA, ... all
+shared) and it trains on the same transfer questions in the same seeded order, with the KD arms' loss alpha * CE(gold solution) and no teacher term: same CE
 weight, same dropout masks on the gold pass (kd/train/distill.py). A KD-vs-control difference is then the teacher term's
 contribution alone (under `distill.hard_target: gold`, the default and the paper's; docs/science.md)."""
 
@@ -15,28 +15,23 @@ from kd.core.io import read_jsonl
 from kd.core.seeding import seed_everything
 from kd.models.loading import load_tokenizer
 from kd.train.distill import build_gold_examples
-from kd.train.run import control_config, fingerprint, lora_student, run_training, validation, weights_digest
+from kd.train.run import StudentRun, fingerprint, run_training, weights_digest
 
 
 @click.command()
 def main():
     p = load_params()
-    s = p["student"]
-    cfg = control_config(p["distill"])
+    run = StudentRun.of(p, control=True)
     questions = read_jsonl("data/prepared/transfer.jsonl")
-    run_fp = fingerprint("finetune", cfg, p["alpha"], p["seed"], p["prompting"]["instruction"],
-                         [q["id"] for q in questions], weights_digest("models/student"))
-    seed_everything(p["seed"])
-    tok = load_tokenizer("models/student", s["trust_remote_code"])
-    examples, skipped = build_gold_examples(questions, tok, p["prompting"]["instruction"], cfg["max_length"])
-    model = lora_student("models/student", s["dtype"], s["trust_remote_code"], cfg["lora"], p["seed"],
-                         quantization=s["quantization"])
+    run_fp = fingerprint("finetune", run.cfg, run.alpha, run.seed, run.instruction, [q["id"] for q in questions],
+                         weights_digest("models/student"))
+    seed_everything(run.seed)
+    tok = load_tokenizer("models/student", run.student["trust_remote_code"])
+    examples, skipped = build_gold_examples(questions, tok, run.instruction, run.cfg["max_length"])
+    model = run.model()
     # no teacher: the loss is alpha * CE on the gold solutions (the KD arms' CE term, at the KD arms' weight)
-    run_training("finetune", model, examples, lambda i: None, cfg, p["alpha"], p["temperature"], p["seed"], run_fp,
-                 adapter_dir="models/finetune", curves_dir="reports/distill/finetune",
-                 metrics_path="results/distill/finetune.json", work_dir=".kd-work/finetune",
-                 extra={"skipped": len(skipped), "hard_target": "gold"},
-                 validate=validation(".", tok, p["prompting"]["instruction"], cfg["max_length"]))
+    run_training(run, "finetune", model, examples, lambda i: None, run_fp,
+                 extra={"skipped": len(skipped), "hard_target": "gold"}, validate=run.validation(tok))
     record_environment("finetune")  # environment/finetune.json: the lineage beyond params + code
 
 

@@ -27,8 +27,8 @@ def is_strategy(name: object) -> bool:
 
 
 def is_model(name: object) -> bool:
-    """An arm name (kd/eval/arms.py's table): a baseline or kd-<safe strategy name>."""
-    from kd.eval.arms import arm_kind
+    """An arm name (kd/config/arms.py's table): a baseline or kd-<safe strategy name>."""
+    from kd.config.arms import arm_kind
 
     found = arm_kind(name) if isinstance(name, str) else None
     return found is not None and (found[1] is None or is_strategy(found[1]))
@@ -44,7 +44,7 @@ def strategy(name: object, key: str = "prompting.strategies") -> str:
 
 def model(name: object, key: str = "arm") -> str:
     if not is_model(name):
-        from kd.eval.arms import ARMS
+        from kd.config.arms import ARMS
 
         raise ParamError(key, f"has the model name {_show(name)}",
                          ", ".join(k.name.replace("{s}", "<strategy name>") for k in ARMS))

@@ -170,7 +170,7 @@ def check_context(params: dict, root: str | Path = ".", tokenizers: dict | None 
     if "distill" in uses:
         checks.append(("student", "the student's prompt", question, "", 1))
     if "eval" in uses:
-        # every arm is the teacher or an arm over the student's weights (kd/eval/arms.py)
+        # every arm is the teacher or an arm over the student's weights (kd/config/arms.py)
         bases = {"teacher" if m == "teacher" else "student" for m in (eval_models or ["teacher", "student"])}
         checks += [(role, "the evaluation prompt", question, "eval.max_new_tokens", params["eval"]["max_new_tokens"])
                    for role in sorted(bases)]

@@ -179,7 +179,7 @@ def load_for_attention(name: str, models_dir: str | Path = "models", dtype: str 
                        trust_remote_code: bool = False, device: str | None = None, strategies: Sequence[str] = ()):
     """A student arm exactly as evaluated (adapter unmerged, kd.models.loading.load_adapted), with eager attention so
     the weights are returned."""
-    from kd.eval.arms import resolve, student_arms
+    from kd.config.arms import resolve, student_arms
     from kd.models.loading import load_adapted
 
     if name not in student_arms(strategies):
@@ -202,7 +202,7 @@ def eval_prompts(n: int, instruction: str, tokenizer, root: str | Path = ".") ->
 
 def arm_attention(arm: str, strategies: Sequence[str], n_prompts: int, instruction: str, dtype: str = "bfloat16",
                   trust_remote_code: bool = False, root: str | Path = ".") -> list[dict]:
-    """Per-layer rows {layer, <stats>} of one student arm (kd.eval.arms.student_arms) over the first `n_prompts` eval
+    """Per-layer rows {layer, <stats>} of one student arm (kd.config.arms.student_arms) over the first `n_prompts` eval
     questions, rendered as eval renders them; [] for n_prompts = 0."""
     from kd.models.loading import load_tokenizer
 

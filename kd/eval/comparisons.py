@@ -29,13 +29,13 @@ def environment_note(envs: dict[str, dict]) -> str | None:
 
 
 def families(strategies) -> list[dict]:
-    """The paper's three comparison families, in reading order; each a list of (arm, reference) pairs (kd.eval.arms).
+    """The paper's three comparison families, in reading order; each a list of (arm, reference) pairs (kd.config.arms).
 
     priming  every `kd-<s>` vs `kd-none` (s != none): the paper's headline, KD with a priming strategy vs without
     teacher  every `kd-*` vs the fine-tune control: what the teacher adds over training on the same data
     training every trained arm (fine-tune control, kd-*) vs the base student: whether training changed anything
     """
-    from kd.eval.arms import BASE_ARM, BASELINES, arm_names, resolve
+    from kd.config.arms import BASE_ARM, BASELINES, arm_names, resolve
 
     arms = arm_names(strategies)
     kd = [a for a in arms if a not in BASELINES]                            # one per strategy, in its order
@@ -209,7 +209,7 @@ def pval(p: float) -> str:
 
 
 def trained_arms(strategies) -> list[str]:
-    """The arms with an adapter (kd.eval.arms: finetune, kd-<s>), in report order."""
-    from kd.eval.arms import arm_names, resolve
+    """The arms with an adapter (kd.config.arms: finetune, kd-<s>), in report order."""
+    from kd.config.arms import arm_names, resolve
 
     return [a for a in arm_names(strategies) if resolve(a, strategies).trained]

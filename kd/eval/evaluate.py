@@ -44,7 +44,7 @@ REPORTS_DIR = Path("reports/eval")
 
 @dataclass(frozen=True)
 class ModelSpec:
-    name: str               # an arm (kd.eval.arms): teacher | student | student_cot | finetune | kd-<strategy>
+    name: str               # an arm (kd.config.arms): teacher | student | student_cot | finetune | kd-<strategy>
     pretrained: Path        # full HF folder
     peft: Path | None       # LoRA adapter folder over `pretrained` (finetune, kd-*), loaded unmerged
     dtype: str
@@ -55,7 +55,7 @@ class ModelSpec:
 
 def resolve_model(name: str, params: dict, models_dir: str | Path = MODELS_DIR) -> ModelSpec:
     """Map an arm name to its folders and loading options. Validates only; touches no files."""
-    from kd.eval.arms import resolve
+    from kd.config.arms import resolve
 
     arm = resolve(name, params["prompting"]["strategies"], models_dir)
     sect = params[arm.role]
@@ -65,7 +65,7 @@ def resolve_model(name: str, params: dict, models_dir: str | Path = MODELS_DIR) 
 
 def check_model_files(spec: ModelSpec) -> None:
     """Fail with a KdError (naming the stage to run) before lm-eval gets to see a half-made folder."""
-    from kd.eval.arms import trained_by
+    from kd.config.arms import trained_by
     from kd.models.loading import _check_dir, check_safetensors
 
     _check_dir(spec.pretrained)

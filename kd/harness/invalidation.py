@@ -11,7 +11,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from kd.eval.arms import ARMS
+from kd.config.arms import ARMS
 from kd.harness.dvc_project import VerifyError, read_lock, stale_stages
 
 
@@ -34,7 +34,7 @@ class Change:
 
 
 def _arm_stages(role: str | None, column: str) -> tuple[str, ...]:
-    """A column of the arms table (kd/eval/arms.py) as stage patterns: kd-{s}'s stages for every strategy (@*)."""
+    """A column of the arms table (kd/config/arms.py) as stage patterns: kd-{s}'s stages for every strategy (@*)."""
     return tuple(dict.fromkeys(getattr(k, column).replace("{s}", "*") for k in ARMS
                                if getattr(k, column) and (role is None or k.role == role)))
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from kd.core.errors import ArtefactError
 from kd.core.io import atomic_path, read_json, read_jsonl, write_json, write_text
-from kd.eval.arms import resolve, run_name
+from kd.config.arms import resolve, run_name
 from kd.eval.comparisons import (  # noqa: F401
     KINDS,
     compare,
@@ -78,7 +78,7 @@ def _questions(path: Path, metrics: dict) -> dict[int, dict]:
 
 def collect(params: dict, root: str | Path = ".") -> dict:
     """Read every input of the report. Raises ArtefactError naming the first missing/inconsistent file."""
-    from kd.eval.arms import arm_names
+    from kd.config.arms import arm_names
 
     root = Path(root)
     strategies = list(params["prompting"]["strategies"])
@@ -112,7 +112,7 @@ def collect(params: dict, root: str | Path = ".") -> dict:
 def read_attention(strategies, root: str | Path = ".") -> list[dict]:
     """Rows {model, layer, <stats>} of every student arm: the attention stages' reports/attention/<arm>.json, joined."""
     from kd.core.paths import ATTENTION_DIR
-    from kd.eval.arms import student_arms
+    from kd.config.arms import student_arms
 
     rows = []
     for arm in student_arms(strategies):
@@ -232,7 +232,7 @@ def render_markdown(an: dict) -> str:
     import jinja2
 
     from kd.data.prompting import COT_PROMPT
-    from kd.eval.arms import BASE_ARM
+    from kd.config.arms import BASE_ARM
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True, autoescape=False)

@@ -283,8 +283,8 @@ def loss_curves(rev: Rev) -> dict[str, list[tuple[float, float]]]:
 
 
 def arm_order(base: Rev, head: Rev) -> list[str]:
-    """Every arm either revision evaluated: the experiment's order (kd.eval.arms, HEAD's strategies), then the rest."""
-    from kd.eval.arms import arm_names
+    """Every arm either revision evaluated: the experiment's order (kd.config.arms, HEAD's strategies), then the rest."""
+    from kd.config.arms import arm_names
 
     have = set()
     for rev in (base, head):

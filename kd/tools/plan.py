@@ -41,7 +41,7 @@ def seconds_per_question(params: dict, root: str | Path = ".") -> tuple[dict[str
     """Seconds one eval question takes per arm on this machine: results/eval/<arm>.json's `seconds` / `n` where the
     eval stage recorded its time, else reports/bench.json's decoding speed (`kd bench`, tokens/s of the teacher's or
     the student's model) over the arm's mean response tokens. Returns ({arm: seconds}, where they came from)."""
-    from kd.eval.arms import arm_names, resolve
+    from kd.config.arms import arm_names, resolve
 
     root = Path(root)
     strategies = params["prompting"]["strategies"]
@@ -100,7 +100,7 @@ def plan(params: dict, mde: float, disagreement: float | None = None, root: str 
         lines.append("cost: unknown here (no results/eval/<arm>.json with `seconds`, no reports/bench.json); pass "
                      "--seconds-per-question.")
         return lines
-    from kd.eval.arms import arm_names
+    from kd.config.arms import arm_names
 
     arms = len(arm_names(params["prompting"]["strategies"]))
     total = sum(per.values()) * n * (arms if "every arm" in per else 1)

@@ -19,8 +19,8 @@ QUANTITIES = {"loss": "train/loss", "ce": "train/ce", "kd": "train/kd", "val_gol
 
 
 def run_dir(arm: str) -> str:
-    """An arm's training run folder under reports/distill/ (kd.eval.arms.run_name)."""
-    from kd.eval.arms import run_name
+    """An arm's training run folder under reports/distill/ (kd.config.arms.run_name)."""
+    from kd.config.arms import run_name
 
     return run_name(arm)
 

@@ -8,9 +8,11 @@ import hashlib
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from kd.config.arms import adapter_name, run_name, trained_by
 from kd.core.errors import KdError
 from kd.core.io import atomic_path, remove_tree, sha256_file, write_json
 from kd.train.distill import Checkpoint, Example, summarise, train
@@ -58,6 +60,54 @@ def control_config(distill: dict) -> dict:
     return {**distill, "hard_target": "gold"}
 
 
+def run_paths(arm: str) -> tuple[Path, Path, Path, Path]:
+    """A trained arm's outputs, from the arms table (kd/config/arms.py): its adapter folder models/<adapter>, its
+    curves reports/distill/<run>/, its metrics results/distill/<run>.json, and the work folder a killed run resumes
+    from, .kd-work/<training stage> ('@' as '/'): .kd-work/finetune, .kd-work/distill/<strategy>."""
+    run, stage = run_name(arm), trained_by(arm)
+    return (Path("models") / adapter_name(arm), Path("reports/distill") / run, Path("results/distill") / f"{run}.json",
+            Path(".kd-work") / stage.replace("@", "/"))
+
+
+@dataclass(frozen=True)
+class StudentRun:
+    """One LoRA student run as every trainer makes it (distill@<s>, finetune, kd tune, kd select): the student's
+    params, the training settings, the loss weights, the seed and the instruction. The fine-tune control is
+    `StudentRun.of(p, control=True)`: the KD arms' run with the teacher term's settings removed (control_config), so
+    the two cannot drift. tune and select vary it with `dataclasses.replace` (lr, epochs, alpha, ...)."""
+    root: Path
+    student: dict      # params student.*: the model folder's dtype, trust_remote_code, quantization
+    cfg: dict          # distill.* (the control: control_config(distill.*))
+    alpha: float
+    temperature: float
+    seed: int
+    instruction: str   # prompting.instruction: the answer-format line after every question
+
+    @classmethod
+    def of(cls, p: dict, root: str | Path = ".", control: bool = False) -> "StudentRun":
+        return cls(Path(root), p["student"], control_config(p["distill"]) if control else p["distill"], p["alpha"],
+                   p["temperature"], p["seed"], p["prompting"]["instruction"])
+
+    def model(self, device: str | None = None):
+        """The student (models/student) with fresh LoRA adapters, every generator seeded first."""
+        from kd.core.seeding import seed_everything
+
+        seed_everything(self.seed)
+        s = self.student
+        return lora_student(self.root / "models/student", s["dtype"], s["trust_remote_code"], self.cfg["lora"],
+                            self.seed, quantization=s["quantization"], device=device)
+
+    def validation(self, tokenizer) -> Callable[[object], float] | None:
+        return validation(self.root, tokenizer, self.instruction, self.cfg["max_length"])
+
+    def train(self, model, examples: list[Example], teacher_for, checkpoint: Checkpoint, on_step=None,
+              width: int | None = None, shard: tuple[int, int] = (0, 1), checkpoint_every: int | None = None):
+        """The training loop (kd.train.distill.train) with these settings; returns the per-step history."""
+        every = self.cfg["checkpoint_every"] if checkpoint_every is None else checkpoint_every
+        return train(model, examples, teacher_for, self.cfg, self.alpha, self.temperature, self.seed, checkpoint,
+                     every, on_step, width=width, shard=shard)
+
+
 def validation(root: str | Path, tokenizer, instruction: str, max_length: int) -> Callable[[object], float] | None:
     """run_training's `validate`: the mean gold NLL per token over data/prepared/validation.jsonl (None when the
     split is empty: prepare.validation_size 0)."""
@@ -93,13 +143,12 @@ def update_norm_ratio(model) -> float | None:
     return (num / den) ** 0.5 if den else None
 
 
-def run_training(name: str, model, examples: list[Example],
-                 teacher_for: Callable[[int], Callable[[int, int], object] | None], cfg: dict, alpha: float,
-                 temperature: float, seed: int, run_fingerprint: str, *, adapter_dir: str | Path,
-                 curves_dir: str | Path, metrics_path: str | Path, work_dir: str | Path,
+def run_training(run: StudentRun, arm: str, model, examples: list[Example],
+                 teacher_for: Callable[[int], Callable[[int, int], object] | None], run_fingerprint: str, *,
                  width: int | None = None, extra: dict | None = None, shard: tuple[int, int] = (0, 1),
                  validate: Callable[[object], float] | None = None) -> dict | None:
-    """Train `model` (a peft LoRA model) on `examples`; returns the metrics written to `metrics_path`.
+    """Train arm `arm`'s `model` (a peft LoRA model) on `examples`; returns the metrics written to its
+    results/distill/<run>.json (paths: run_paths).
 
     `validate(model)`: the validation gold NLL per token, measured before training, every `cfg["val_every"]` steps
     (0: never in between) and after; with ||dW||/||W|| it says how far training moved the student.
@@ -108,15 +157,15 @@ def run_training(name: str, model, examples: list[Example],
     from dvclive import Live
     from tqdm import tqdm
 
+    name, cfg = trained_by(arm), run.cfg
+    adapter_dir, curves_dir, metrics_path, work_dir = run_paths(arm)
     if not examples:
         raise KdError(f"{name}: no training examples (all skipped or filtered out; see distill.max_length and "
                       "distill.response_filter)")
     t0 = time.time()
-    work_dir = Path(work_dir)
+    checkpoint = Checkpoint(work_dir / "checkpoint.safetensors", run_fingerprint)
     if shard[0] > 0:  # another process of a launch (kd/core/launch.py): trains its share, rank 0 writes everything
-        train(model, examples, teacher_for, cfg, alpha, temperature, seed,
-              Checkpoint(work_dir / "checkpoint.safetensors", run_fingerprint), cfg["checkpoint_every"],
-              width=width, shard=shard)
+        run.train(model, examples, teacher_for, checkpoint, width=width, shard=shard)
         trainable_state(model)  # compute.sharding fsdp: its part of gathering the adapter
         return None
     total = cfg["epochs"] * math.ceil(len(examples) / cfg["batch_size"])
@@ -140,9 +189,7 @@ def run_training(name: str, model, examples: list[Example],
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}")
 
-            history = train(model, examples, teacher_for, cfg, alpha, temperature, seed,
-                            Checkpoint(work_dir / "checkpoint.safetensors", run_fingerprint),
-                            cfg["checkpoint_every"], on_step, width=width, shard=shard)
+            history = run.train(model, examples, teacher_for, checkpoint, on_step, width=width, shard=shard)
         save_adapter(model, adapter_dir, trainable_state(model))
     summary = {**summarise(history, len(examples), cfg["epochs"]),
                "response_tokens": sum(e.response_len for e in examples),

@@ -188,7 +188,7 @@ def tiny_root(tmp_path_factory):
 
 
 def test_arm_attention_end_to_end(tiny_root):
-    from kd.eval.arms import student_arms
+    from kd.config.arms import student_arms
 
     def rows():  # what the attention stages write, one arm each, in report order
         return [{"model": arm, **r} for arm in student_arms(["none"])

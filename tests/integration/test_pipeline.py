@@ -8,7 +8,7 @@ import sys
 import pytest
 from stage_runner import dvc_project, run_cmd
 
-from kd.eval.arms import student_arms
+from kd.config.arms import student_arms
 
 pytestmark = pytest.mark.slow  # the tiny pipeline end to end through real DVC (minutes)
 
@@ -47,7 +47,7 @@ def test_repro_produces_every_output(project):
     # `dvc metrics show` is one narrow table (DVC makes a column of every key any metrics file has)
     shown = run_cmd(["dvc", "metrics", "show"], root, env)
     assert max(map(len, shown.splitlines())) <= 120, shown
-    # one attention stage per student arm (kd.eval.arms), and the report's table is exactly their rows
+    # one attention stage per student arm (kd.config.arms), and the report's table is exactly their rows
     arms = student_arms(STRATEGIES)
     per_arm = [r for a in arms for r in json.loads((root / f"reports/attention/{a}.json").read_text())]
     assert [r["model"] for r in per_arm] == [a for a in arms for _ in range(2)]  # the tiny student has 2 layers

@@ -28,7 +28,7 @@ OUTPUTS = ["reports/index.md", "reports/index.html", "reports/attention.json", "
 
 
 def arms(params):
-    from kd.eval.arms import arm_names
+    from kd.config.arms import arm_names
 
     return arm_names(params["prompting"]["strategies"])
 
@@ -143,7 +143,7 @@ def test_outputs_and_metrics(built, params):
             assert row == {"acc": round(100 * k / N, 2), "lo": round(100 * lo, 2), "hi": round(100 * hi, 2)}
     for s in params["prompting"]["strategies"]:
         assert set(h[f"metrics/strict/teacher@{s}.json"]) == {"acc", "lo", "hi"}
-    # the three families (kd.eval.arms), on the primary metric (strict by default): every pair, no other
+    # the three families (kd.config.arms), on the primary metric (strict by default): every pair, no other
     compare = sorted(r for r in h if r.startswith("metrics/compare/"))
     assert compare == sorted(["metrics/compare/priming/kd-teacher.json", "metrics/compare/teacher/kd-none.json",
                               "metrics/compare/teacher/kd-teacher.json", "metrics/compare/training/finetune.json",
@@ -465,7 +465,7 @@ def test_no_attention_rows(tmp_path, params):
 
 
 def test_attention_read_from_the_attention_stages(tmp_path, params):
-    """The report reads the attention stages' per-arm files (kd.eval.arms order) and loads no model; a missing or
+    """The report reads the attention stages' per-arm files (kd.config.arms order) and loads no model; a missing or
     malformed file is named."""
     from kd.report.page import read_attention
 

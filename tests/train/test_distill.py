@@ -47,6 +47,8 @@ def test_control_is_the_kd_arm_minus_the_teacher(tmp_path):
     """Issue 19: the fine-tune control shares every setting of the KD arms (optimizer, batch, schedule, examples
     and their order, seed, dropout masks) except the teacher term: its first step's gradient equals the KD arm's
     CE-term gradient bit for bit, while the KD arm's whole gradient differs (the teacher term is there)."""
+    from dataclasses import replace
+
     import torch
 
     from kd.config.params import load_params
@@ -54,7 +56,7 @@ def test_control_is_the_kd_arm_minus_the_teacher(tmp_path):
     from kd.train.distill import build_gold_examples, epoch_order, example_loss, pass_seed
     from kd.train.inputs import load_kd_inputs
     from kd.train.qlora import make_optimizer
-    from kd.train.run import control_config, lora_student
+    from kd.train.run import StudentRun
     from tests.stage_runner import in_process, tiny_copy
 
     def edit(p):
@@ -65,9 +67,12 @@ def test_control_is_the_kd_arm_minus_the_teacher(tmp_path):
                          ("logits", "none")):
         in_process(tmp_path, stage, *args)
     p = load_params(tmp_path / "params.yaml", tmp_path)
-    kd_cfg, ctl_cfg = p["distill"], control_config(p["distill"])
-    assert {k: v for k, v in ctl_cfg.items() if k != "hard_target"} == \
-           {k: v for k, v in kd_cfg.items() if k != "hard_target"} and ctl_cfg["hard_target"] == "gold"
+    kd_run, ctl_run = StudentRun.of(p, tmp_path), StudentRun.of(p, tmp_path, control=True)
+    # one run object: the control is the KD arms' run, every setting shared (student, optimizer, batch size, schedule,
+    # LoRA, alpha, temperature, seed, instruction), except the teacher-only ones
+    assert replace(ctl_run, cfg={**ctl_run.cfg, "hard_target": kd_run.cfg["hard_target"]}) == kd_run
+    assert ctl_run.cfg["hard_target"] == "gold" and ctl_run.cfg["optimizer"] == "adamw" and ctl_run.cfg["batch_size"] == 2
+    kd_cfg, ctl_cfg = kd_run.cfg, ctl_run.cfg
     instr, ml = p["prompting"]["instruction"], kd_cfg["max_length"]
     inputs = load_kd_inputs(tmp_path, "none", False)
     _, kd_ex, _ = inputs.examples(kd_cfg["response_filter"], instr, ml, kd_cfg["hard_target"])
@@ -82,7 +87,7 @@ def test_control_is_the_kd_arm_minus_the_teacher(tmp_path):
     for arm, ex, teacher, part in (("kd-ce", kd_ex[first], inputs.teacher_for(kd_ex[first].id), "ce"),
                                    ("kd", kd_ex[first], inputs.teacher_for(kd_ex[first].id), "loss"),
                                    ("control", ctl_ex[first], None, "loss")):
-        model = lora_student(tmp_path / "models/student", "bfloat16", False, kd_cfg["lora"], p["seed"])
+        model = ctl_run.model()
         model.train()
         assert type(make_optimizer([q for q in model.parameters() if q.requires_grad], ctl_cfg)).__name__ == "AdamW"
         losses = example_loss(model, ex, teacher, p["alpha"], p["temperature"], kd_cfg["loss"], "gold",

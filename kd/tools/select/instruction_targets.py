@@ -127,12 +127,13 @@ def select_instruction(p: dict, root: Path, strategies: list[str] | None = None,
 
 
 def select_targets(p: dict, root: Path, strategy: str, echo: Callable[[str], None] = print) -> dict:
+    from dataclasses import replace
+
     from scipy.stats import wilcoxon
 
-    from kd.core.seeding import seed_everything
-    from kd.train.distill import Checkpoint, gold_nll, train
+    from kd.train.distill import Checkpoint, gold_nll
     from kd.train.inputs import load_kd_inputs
-    from kd.train.run import lora_student
+    from kd.train.run import StudentRun
 
     rows = read_jsonl(root / "data/prepared/validation.jsonl")
     if not rows:
@@ -144,16 +145,14 @@ def select_targets(p: dict, root: Path, strategy: str, echo: Callable[[str], Non
     nll: dict[tuple[str, str], list[float]] = {}
     kept_n = {}
     for hard, filt in TARGET_PAIRS:
-        seed_everything(p["seed"])
         kept, examples, _ = inputs.examples(filt, instruction, cfg["max_length"], hard)
         kept_n[(hard, filt)] = len(kept)
-        model = lora_student(root / "models/student", s["dtype"], s["trust_remote_code"], cfg["lora"], p["seed"],
-                             quantization=s["quantization"])
+        candidate = replace(StudentRun.of(p, root), cfg={**cfg, "hard_target": hard})
+        model = candidate.model()
         if examples:
             with tempfile.TemporaryDirectory(prefix="kd-select-") as work:
-                train(model, examples, inputs.teacher_for, {**cfg, "hard_target": hard},
-                      p["alpha"], p["temperature"], p["seed"], Checkpoint(Path(work) / "ckpt.safetensors", "select"),
-                      10**9, width=inputs.vocab["kd_width"])
+                candidate.train(model, examples, inputs.teacher_for, Checkpoint(Path(work) / "ckpt.safetensors",
+                                "select"), width=inputs.vocab["kd_width"], checkpoint_every=10**9)
         nll[(hard, filt)] = gold_nll(model, tok, rows, instruction, cfg["max_length"])
         echo(f"select targets {hard}/{filt}: {len(examples)} examples, validation gold NLL "
              f"{sum(nll[(hard, filt)]) / len(nll[(hard, filt)]):.4f}")

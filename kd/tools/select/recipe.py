@@ -30,17 +30,19 @@ def _fmt_lr(lr: float) -> str:
 
 def select_recipe(p: dict, root: Path, strategy: str, echo: Callable[[str], None] = print,
                   candidates: list[tuple[str, float]] | None = None) -> dict:
+    from dataclasses import replace
+
     from scipy.stats import wilcoxon
 
-    from kd.core.seeding import seed_everything
     from kd.tools.select.instruction_targets import _update
-    from kd.train.distill import Checkpoint, gold_nll, train
+    from kd.train.distill import Checkpoint, gold_nll
     from kd.train.inputs import load_kd_inputs
-    from kd.train.run import lora_student, update_norm_ratio
+    from kd.train.run import StudentRun, update_norm_ratio
 
     rows = read_jsonl(root / "data/prepared/validation.jsonl")
     if not rows:
         raise KdError("prepare.validation_size is 0: nothing to select on (raise it and `dvc repro prepare`)")
+    student_run = StudentRun.of(p, root)
     s, base = p["student"], p["distill"]
     inputs = load_kd_inputs(root, strategy, s["trust_remote_code"])
     instruction = p["prompting"]["instruction"]
@@ -49,14 +51,12 @@ def select_recipe(p: dict, root: Path, strategy: str, echo: Callable[[str], None
         raise KdError("kd select recipe: no training examples (see distill.max_length and distill.response_filter)")
 
     def run(optimizer: str, lr: float, epochs: int) -> dict:
-        cfg = {**base, "optimizer": optimizer, "lr": lr, "epochs": epochs}
-        seed_everything(p["seed"])
-        model = lora_student(root / "models/student", s["dtype"], s["trust_remote_code"], cfg["lora"], p["seed"],
-                             quantization=s["quantization"])
+        candidate = replace(student_run, cfg={**base, "optimizer": optimizer, "lr": lr, "epochs": epochs})
+        model = candidate.model()
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="kd-select-") as work:
-            train(model, examples, inputs.teacher_for, cfg, p["alpha"], p["temperature"], p["seed"],
-                  Checkpoint(Path(work) / "ckpt.safetensors", "select"), 10**9, width=inputs.vocab["kd_width"])
+            candidate.train(model, examples, inputs.teacher_for, Checkpoint(Path(work) / "ckpt.safetensors", "select"),
+                            width=inputs.vocab["kd_width"], checkpoint_every=10**9)
         seconds = time.perf_counter() - t0
         nll = gold_nll(model, inputs.tokenizer, rows, instruction, base["max_length"])
         out = {"optimizer": optimizer, "lr": lr, "epochs": epochs, "nll": nll, "mean_nll": sum(nll) / len(nll),
@@ -66,9 +66,7 @@ def select_recipe(p: dict, root: Path, strategy: str, echo: Callable[[str], None
         del model
         return out
 
-    seed_everything(p["seed"])
-    untrained = lora_student(root / "models/student", s["dtype"], s["trust_remote_code"], base["lora"], p["seed"],
-                             quantization=s["quantization"])
+    untrained = student_run.model()
     before = gold_nll(untrained, inputs.tokenizer, rows, instruction, base["max_length"])
     del untrained
     mean_before = sum(before) / len(before)

@@ -62,9 +62,17 @@ class Trials:
             raise KdError("kd tune: no training examples (see distill.max_length and distill.response_filter)")
         self.steps = p["distill"]["epochs"] * len(self.examples)
 
-    def cfg(self, values: dict) -> dict:
-        d = self.p["distill"]
-        return {**d, "lr": values.get("lr", d["lr"]), "lora": {**d["lora"], "r": values.get("lora_r", d["lora"]["r"])}}
+    def run(self, values: dict):
+        """distill@<tune.strategy>'s student run with the trial's values (alpha, temperature, lr, lora_r)."""
+        from dataclasses import replace
+
+        from kd.train.run import StudentRun
+
+        base = StudentRun.of(self.p, self.root)
+        d = base.cfg
+        cfg = {**d, "lr": values.get("lr", d["lr"]), "lora": {**d["lora"], "r": values.get("lora_r", d["lora"]["r"])}}
+        return replace(base, cfg=cfg, alpha=values.get("alpha", base.alpha),
+                       temperature=values.get("temperature", base.temperature))
 
     def nll(self, model) -> float:
         from kd.train.distill import gold_nll
@@ -74,13 +82,7 @@ class Trials:
         return sum(per_q) / len(per_q)
 
     def student(self, values: dict):
-        from kd.core.seeding import seed_everything
-        from kd.train.run import lora_student
-
-        s = self.p["student"]
-        seed_everything(self.p["seed"])
-        return lora_student(self.root / "models/student", s["dtype"], s["trust_remote_code"],
-                            self.cfg(values)["lora"], self.p["seed"], quantization=s["quantization"])
+        return self.run(values).model()
 
     def accuracy(self, model, work: Path) -> dict:
         """Validation strict/flexible accuracy through lm-eval, exactly as eval@kd-<strategy> scores eval."""
@@ -95,11 +97,11 @@ class Trials:
         return m
 
     def train(self, model, values: dict, on_step: Callable[[int, dict], None], work: Path) -> None:
-        from kd.train.distill import Checkpoint, train
+        from kd.train.distill import Checkpoint
 
-        train(model, self.examples, self.inputs.teacher_for, self.cfg(values),
-              values["alpha"], values["temperature"], self.p["seed"], Checkpoint(work / "ckpt.safetensors", "tune"),
-              10**9, on_step, width=self.vocab["kd_width"])
+        checkpoint = Checkpoint(work / "ckpt.safetensors", "tune")
+        self.run(values).train(model, self.examples, self.inputs.teacher_for, checkpoint, on_step,
+                               width=self.vocab["kd_width"], checkpoint_every=10**9)
 
     def calibrate(self) -> dict:
         """Seconds for one training step and one validation NLL pass (for the expected wall time)."""

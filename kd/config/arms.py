@@ -37,7 +37,7 @@ class ArmKind:
 
 
 # The arms table, in report order: what each arm is and which stages make and measure it. Names, evaluation,
-# attention, the report, comparisons and the invalidation table read it; tests/eval/test_arms.py checks dvc.yaml's
+# attention, the report, comparisons and the invalidation table read it; tests/config/test_arms.py checks dvc.yaml's
 # training, eval and attention stages against it. A new arm is a new row (docs/extending.md).
 ARMS = (
     ArmKind("teacher", "teacher", "task", None, None, "eval_teacher", None, "the teacher"),
@@ -90,6 +90,15 @@ def trained_by(name: str) -> str | None:
         return None
     kind, s = found
     return kind.trained_by.format(s=s) if s is not None else kind.trained_by
+
+
+def adapter_name(arm: str) -> str:
+    """A trained arm's adapter folder under models/ (its `adapter` column)."""
+    found = arm_kind(arm)
+    if found is None or found[0].adapter is None:
+        raise KdError(f"arm {arm!r} has no adapter")
+    kind, s = found
+    return kind.adapter.format(s=s) if s is not None else kind.adapter
 
 
 def run_name(arm: str) -> str:

@@ -1,4 +1,4 @@
-"""kd.eval.arms: the arms table is the one source of the arms and of the stages that make and measure them; dvc.yaml,
+"""kd.config.arms: the arms table is the one source of the arms and of the stages that make and measure them; dvc.yaml,
 the names check, the invalidation table and the report's arm list agree with it."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import yaml
 
 from kd.core.errors import ParamError
 from kd.core.names import is_model
-from kd.eval.arms import ARMS, BASELINES, arm_names, resolve, run_name, stages_of, student_arms, trained_by
+from kd.config.arms import ARMS, BASELINES, arm_names, resolve, run_name, stages_of, student_arms, trained_by
 from kd.harness import invalidation
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,7 +43,7 @@ def test_docs_worked_example_add_an_arm(tmp_path, monkeypatch):
     under the stock CoT prompt) is one row of the table and one stage of dvc.yaml. Either edit alone is caught."""
     import dvc.repo
 
-    from kd.eval import arms
+    from kd.config import arms
 
     dvc.repo.Repo.init(str(tmp_path), no_scm=True)
     for f in ("params.yaml", "strategies.yaml"):
