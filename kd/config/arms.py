@@ -72,6 +72,11 @@ class Arm:
         return self.adapter_dir is not None
 
 
+def _fill(pattern: str | None, s: str | None) -> str | None:
+    """A table cell for strategy `s`: "{s}" replaced by plain substitution (never str.format)."""
+    return pattern if pattern is None or s is None else pattern.replace("{s}", s)
+
+
 def arm_kind(name: str) -> tuple[ArmKind, str | None] | None:
     """The table row an arm name has the shape of, and its strategy (kd-<s>), or None. Checks no strategy list."""
     for kind in ARMS:
@@ -89,7 +94,7 @@ def trained_by(name: str) -> str | None:
     if found is None or found[0].trained_by is None:
         return None
     kind, s = found
-    return kind.trained_by.format(s=s) if s is not None else kind.trained_by
+    return _fill(kind.trained_by, s)
 
 
 def adapter_name(arm: str) -> str:
@@ -98,7 +103,7 @@ def adapter_name(arm: str) -> str:
     if found is None or found[0].adapter is None:
         raise KdError(f"arm {arm!r} has no adapter")
     kind, s = found
-    return kind.adapter.format(s=s) if s is not None else kind.adapter
+    return _fill(kind.adapter, s)
 
 
 def run_name(arm: str) -> str:
@@ -112,7 +117,7 @@ def run_name(arm: str) -> str:
 
 def arm_names(strategies: Sequence[str]) -> list[str]:
     """Every arm, in report order."""
-    return [n for k in ARMS for n in ([k.name.format(s=s) for s in strategies] if "{s}" in k.name else [k.name])]
+    return [n for k in ARMS for n in ([_fill(k.name, s) for s in strategies] if "{s}" in k.name else [k.name])]
 
 
 def stages_of(strategies: Sequence[str], column: str) -> list[str]:
@@ -132,8 +137,8 @@ def resolve(name: str, strategies: Sequence[str], models_dir: str | Path = "mode
     if found is None:
         raise ParamError("arm", f"{name!r} is not an arm of this experiment", ", ".join(allowed))
     kind, s = found
-    fill = (lambda v: v if v is None else v.format(s=s)) if s is not None else (lambda v: v)
     models_dir = Path(models_dir)
-    adapter = fill(kind.adapter)
+    adapter = _fill(kind.adapter, s)
     return Arm(name, kind.role, models_dir / kind.role, models_dir / adapter if adapter else None, kind.prompt,
-               fill(kind.trained_by), fill(kind.eval_stage), fill(kind.attention_stage), fill(kind.text))
+               _fill(kind.trained_by, s), _fill(kind.eval_stage, s), _fill(kind.attention_stage, s),
+               _fill(kind.text, s))

@@ -208,8 +208,11 @@ class Logits(Section):
     shard_rows: F(int, _int(1, 10**9))
 
 
+LORA_R_MAX = 4096  # distill.lora.r's bound; a saved adapter's r is held to it too (kd.models.loading.check_adapter)
+
+
 class Lora(Section):
-    r: F(int, _int(1, 4096))
+    r: F(int, _int(1, LORA_R_MAX))
     alpha: F(float, _float(0.0, 1e6, lo_open=True))
     dropout: F(float, _float(0.0, 1.0, hi_open=True))
     target_modules: F(list[str], _str_list)
@@ -260,7 +263,7 @@ class Space(Section):
     alpha: F(list[float], _interval(0.0, 1.0))
     temperature: F(list[float], _interval(MIN_TEMPERATURE, 100.0, positive=True))
     lr: F(Optional[list[float]], _optional(_interval(0.0, 10.0, positive=True)))
-    lora_r: F(Optional[list[int]], _optional(_int_choices(1, 4096)))
+    lora_r: F(Optional[list[int]], _optional(_int_choices(1, LORA_R_MAX)))
 
 
 class Tune(Section):

@@ -8,6 +8,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -35,7 +36,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         if path.is_dir() and not path.is_symlink():
             os.replace(path, tmp.parent / ".previous")  # a rename, not a delete: a kill here keeps the old folder
         os.replace(tmp, path)
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - OSError, or a writer's own error wrapping one (safetensors)
         _raise_if_full(e, path)
         raise
     finally:
@@ -50,12 +51,19 @@ def remove_tree(path: str | os.PathLike) -> None:
 
 
 _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how safetensors' Rust writer reports an I/O error: no OSError
 
 
-def _raise_if_full(e: OSError, path: Path) -> None:
+def _full_errno(e: BaseException) -> int | None:
+    """The errno when `e` is a full disk, quota or file-size limit: an OSError's, or one a writer quotes."""
+    n = e.errno if isinstance(e, OSError) else (int(m.group(1)) if (m := _OS_ERROR.search(str(e))) else None)
+    return n if n in _FULL else None
+
+
+def _raise_if_full(e: BaseException, path: Path) -> None:
     """A full disk (or quota, or file-size limit) while writing an output: one clear error naming it."""
-    if e.errno in _FULL:
-        raise KdError(f"{path}: could not write it ({e.strerror}): the disk is full or a size limit was reached. "
+    if (n := _full_errno(e)) is not None:
+        raise KdError(f"{path}: could not write it ({os.strerror(n)}): the disk is full or a size limit was reached. "
                       "Nothing half-written was kept and the previous version, if any, is untouched; free space "
                       "and re-run") from None
 

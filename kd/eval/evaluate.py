@@ -66,16 +66,11 @@ def resolve_model(name: str, params: dict, models_dir: str | Path = MODELS_DIR) 
 def check_model_files(spec: ModelSpec) -> None:
     """Fail with a KdError (naming the stage to run) before lm-eval gets to see a half-made folder."""
     from kd.config.arms import trained_by
-    from kd.models.loading import _check_dir, check_safetensors
+    from kd.models.loading import _check_dir, check_adapter
 
     _check_dir(spec.pretrained)
     if spec.peft is not None:
-        stage = trained_by(spec.name)
-        for f in ("adapter_config.json", "adapter_model.safetensors"):
-            if not (spec.peft / f).exists():
-                raise ArtefactError(f"{spec.peft}: not a LoRA adapter folder (no {f}); "
-                                    f"run `dvc repro {stage}` first")
-        check_safetensors(spec.peft / "adapter_model.safetensors", f"re-run `dvc repro {stage}`")
+        check_adapter(spec.peft, spec.pretrained, f"run `dvc repro {trained_by(spec.name)}` first")
 
 
 # ------------------------------------------------------------------------------------------------- data

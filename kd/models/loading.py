@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
 
 import torch
@@ -30,6 +32,12 @@ def _check_dir(path: str | Path) -> Path:
 SAFETENSORS_MAX_HEADER = 100 << 20  # the format's own limit (100 MB)
 
 
+# bytes per element of every safetensors dtype (the format's spec)
+SAFETENSORS_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
+                           "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+                           "F8_E8M0": 1, "C64": 8}
+
+
 def check_safetensors(path: str | Path, rerun: str = "re-run the stage that wrote it") -> dict:
     """Read and check a .safetensors file's header without loading any tensor: a JSON header whose tensors' byte
     ranges exactly tile the rest of the file. Garbage, a truncated or a padded file is one ArtefactError.
@@ -53,15 +61,30 @@ def check_safetensors(path: str | Path, rerun: str = "re-run the stage that wrot
             raise bad("header is not JSON") from None
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
-    end = 0
+    spans = []
     for name, meta in header.items():
         if name == "__metadata__":
             continue
         offs = meta.get("data_offsets") if isinstance(meta, dict) else None
-        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)
-                and 0 <= offs[0] <= offs[1] and isinstance(meta.get("shape"), list)):
+        shape = meta.get("shape") if isinstance(meta, dict) else None
+        if not (isinstance(offs, list) and len(offs) == 2 and all(type(o) is int for o in offs)
+                and 0 <= offs[0] <= offs[1] and isinstance(shape, list)
+                and all(type(d) is int and d >= 0 for d in shape)):
             raise bad(f"tensor {name!r} has no valid shape/data_offsets")
-        end = max(end, offs[1])
+        if meta.get("dtype") not in SAFETENSORS_DTYPE_BYTES:
+            raise bad(f"tensor {name!r} has dtype {str(meta.get('dtype'))[:20]!r}, not one of "
+                      f"{', '.join(sorted(SAFETENSORS_DTYPE_BYTES))}")
+        need = math.prod(shape) * SAFETENSORS_DTYPE_BYTES[meta["dtype"]]
+        if need != offs[1] - offs[0]:
+            raise bad(f"tensor {name!r}: shape {str(shape)[:80]} of {meta['dtype']} needs {need} bytes, its "
+                      f"data_offsets span {offs[1] - offs[0]}")
+        spans.append((offs[0], offs[1], name))
+    end = 0
+    for start, stop, name in sorted(spans):  # the tensors tile the data: no overlap, no gap
+        if start != end:
+            raise bad(f"tensor {name!r} starts at byte {start} of the data, not at {end}: "
+                      f"{'overlapping another tensor' if start < end else 'a gap before it'}")
+        end = stop
     if 8 + n + end != size:
         raise bad(f"the header describes {8 + n + end} bytes, the file has {size}: truncated or altered")
     return header
@@ -121,6 +144,45 @@ def load_model(path: str | Path, dtype: str = "bfloat16", trust_remote_code: boo
     return model
 
 
+def check_adapter(adapter: str | Path, pretrained: str | Path, rerun: str = "re-run the stage that wrote it") -> None:
+    """A LoRA adapter folder checked from its files alone, before any weight loads: adapter_config.json's r within
+    distill.lora.r's bounds and equal to the saved weights' rank, target_modules a list of module names the base
+    model (its safetensors headers) has, and adapter_model.safetensors a valid file of lora_A/lora_B weights."""
+    from kd.config.params import LORA_R_MAX
+
+    adapter, pretrained = Path(adapter), Path(pretrained)
+    if adapter.is_symlink():  # the stages write adapters as folders: a link was planted (it may lead anywhere)
+        raise ArtefactError(f"{adapter}: a symlink (to {str(os.readlink(adapter))[:120]}), not the adapter folder the "
+                            f"training stage writes; remove it and {rerun}")
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (adapter / f).is_file():
+            raise ArtefactError(f"{adapter}: not a LoRA adapter folder (no {f}); {rerun}")
+    where = adapter / "adapter_config.json"
+    try:
+        cfg = json.loads(where.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ArtefactError(f"{where}: not valid JSON ({e}); {rerun}") from None
+    r, targets = (cfg.get("r"), cfg.get("target_modules")) if isinstance(cfg, dict) else (None, None)
+    if type(r) is not int or not 1 <= r <= LORA_R_MAX:
+        raise ArtefactError(f"{where}: r is {str(r)[:40]}, not an integer in [1, {LORA_R_MAX}]; {rerun}")
+    if not (isinstance(targets, list) and targets and all(isinstance(m, str) for m in targets)):
+        raise ArtefactError(f"{where}: target_modules is not a list of module names; {rerun}")
+    modules = {name.rsplit(".", 1)[0] for f in sorted(pretrained.glob("*.safetensors"))  # weight -> its module
+               for name in check_safetensors(f) if name != "__metadata__"}
+    if missing := sorted(m for m in set(targets) if not any(x == m or x.endswith("." + m) for x in modules)):
+        short = sorted({x.rsplit(".", 1)[-1] for x in modules})
+        raise ArtefactError(f"{where}: target_modules {', '.join(m[:40] for m in missing[:5])} not in the model "
+                            f"{pretrained} (its modules: {', '.join(short[:12])}); {rerun}")
+    weights = adapter / "adapter_model.safetensors"
+    for name, meta in check_safetensors(weights, rerun).items():
+        if name == "__metadata__":
+            continue
+        rank = meta["shape"][0] if "lora_A" in name else meta["shape"][-1] if "lora_B" in name else None
+        if rank is None or len(meta["shape"]) != 2 or rank != r:
+            raise ArtefactError(f"{weights}: tensor {name[:80]!r} (shape {meta['shape']}) is not a LoRA weight of "
+                                f"rank r={r} (adapter_config.json); {rerun}")
+
+
 def load_adapted(pretrained: str | Path, adapter: str | Path | None, dtype: str = "bfloat16",
                  trust_remote_code: bool = False, attn_implementation: str | None = None,
                  device: str | None = None, quantization: str | None = None):
@@ -130,15 +192,12 @@ def load_adapted(pretrained: str | Path, adapter: str | Path | None, dtype: str 
     Merging folds B·A into the base weights in their own dtype: in bf16 most of a small update (the default's
     ‖ΔW‖/‖W‖ is ~2e-4, below bf16's 2^-8 relative step) rounds away, so a merged student is not the one that was
     trained. Eval and the attention report both load through here."""
+    if adapter is not None:  # before the base model loads
+        check_adapter(adapter, pretrained, "run the stage that writes it (`dvc repro`)")
     model = load_model(pretrained, dtype, trust_remote_code, attn_implementation=attn_implementation,
                        device=device, quantization=quantization)  # a QLoRA adapter: on its quantized base
     if adapter is None:
         return model
-    adapter = Path(adapter)
-    for f in ("adapter_config.json", "adapter_model.safetensors"):
-        if not (adapter / f).exists():
-            raise ArtefactError(f"{adapter}: not a LoRA adapter folder (no {f}); run the stage that writes it "
-                                "(`dvc repro`)")
     from peft import PeftModel
 
     model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
