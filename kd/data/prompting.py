@@ -109,7 +109,11 @@ def teacher_text(template: str, row: dict, instruction: str) -> str:
 
 
 def chat_ids(tokenizer, user_text: str) -> list[int]:
-    """Token ids of a one-turn chat ending with the assistant header (generation prompt)."""
+    """Token ids of a one-turn chat ending with the assistant header (generation prompt). The template is checked
+    under a time and memory bound before its first render in this process (kd.models.chat_template)."""
+    from kd.models.chat_template import check_chat_template
+
+    check_chat_template(tokenizer.chat_template, str(getattr(tokenizer, "name_or_path", "") or "the model"))
     ids = tokenizer.apply_chat_template([{"role": "user", "content": user_text}],
                                         add_generation_prompt=True, tokenize=True)
     if hasattr(ids, "keys"):  # newer transformers return a BatchEncoding

@@ -13,6 +13,7 @@ from typing import Any
 from kd.core.dtypes import torch_dtype as _torch_dtype
 from kd.core.errors import KdError
 from kd.core.io import sha256_file
+from kd.models.chat_template import check_chat_template
 
 
 def describe_folder(folder: str | Path, trust_remote_code: bool = False) -> dict:
@@ -37,6 +38,7 @@ def describe_folder(folder: str | Path, trust_remote_code: bool = False) -> dict
     if not tok.chat_template:
         raise KdError(f"{folder}: the tokenizer has no chat template (kd-prime prompts through the chat template; "
                       f"use an instruct/chat model)")
+    check_chat_template(tok.chat_template, str(folder))  # bounded: a hostile template stops here, at the model stage
     files = {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
     text_config = config.get("text_config") or {}
     return {
