@@ -59,8 +59,8 @@ def resolve_model(name: str, params: dict, models_dir: str | Path = MODELS_DIR) 
 
     arm = resolve(name, params["prompting"]["strategies"], models_dir)
     sect = params[arm.role]
-    return ModelSpec(name, arm.model_dir, arm.adapter_dir, sect["dtype"], bool(sect.get("trust_remote_code", False)),
-                     arm.prompt, sect.get("quantization") if arm.role == "student" else None)
+    return ModelSpec(name, arm.model_dir, arm.adapter_dir, sect["dtype"], sect["trust_remote_code"], arm.prompt,
+                     sect["quantization"] if arm.role == "student" else None)
 
 
 def check_model_files(spec: ModelSpec) -> None:
