@@ -50,6 +50,10 @@ SKIP = {
                                                          "project)",
     "dvc push": "needs a configured remote and computed outputs (tests/integration/test_shared_artefacts.py pushes and pulls)",
     "dvc pull": "needs a configured remote holding the outputs (tests/integration/test_shared_artefacts.py)",
+    "kd verify --skip-invalidation --keep --workdir /tmp/before": "two full tiny runs at another commit (like `kd verify`)",
+    "kd verify --skip-invalidation --keep --workdir /tmp/after": "two full tiny runs (like `kd verify`)",
+    "kd compare /tmp/before/kd-verify-*/run-A/project /tmp/after/kd-verify-*/run-A/project":
+        "needs the two kept runs above (tests/harness/test_run_compare.py runs kd compare on two projects)",
 }
 
 
