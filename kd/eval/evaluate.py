@@ -153,30 +153,14 @@ def _ensure_eos_stops(lm, stops: Iterable[str]) -> list[int]:
 
 
 def _make_lm(spec: ModelSpec, batch_size: int, device: str):
-    """An HFLM for `spec` that (a) never asks the Hub about local paths and (b) records, per context, how many
-    tokens each response really had before its stop token (lm-eval itself keeps only the decoded string)."""
-    from lm_eval.api.model import CacheHook
+    """An HFLM for `spec` that (a) never asks the Hub about local paths, (b) decodes with kd's batch-invariant
+    decoder, which (c) records, per context, how many tokens each response had before its stop token (lm-eval itself
+    keeps only the decoded string): `lm.token_counts`."""
     from lm_eval.models.huggingface import HFLM
 
-    class _CountingHook(CacheHook):
-        # HFLM.generate_until calls tok_decode(row tokens) and then cache_hook.add_partial(context, text)
-        # for each row, in that order; pair them up.
-        def __init__(self, lm):
-            super().__init__(None)
-            self.lm = lm
-
-        def add_partial(self, attr, req, res) -> None:
-            if attr == "generate_until":
-                n, self.lm._kd_pending = self.lm._kd_pending, None
-                if n is None:
-                    raise KdError("lm-eval: could not pair a generated response with its token count "
-                                  "(HFLM.generate_until changed?)")
-                self.lm.token_counts[req[0]] = n  # (tokens before the stop token, stopped?)
-
     class _KdHFLM(HFLM):
-        token_counts: dict[str, int]
+        token_counts: dict[str, tuple[int, bool]]
         stop_ids: set[int]
-        _kd_pending: int | None = None
 
         def get_model_info(self) -> dict:  # the stock one asks the Hub for the "model sha" of a local path
             return {}
@@ -186,16 +170,6 @@ def _make_lm(spec: ModelSpec, batch_size: int, device: str):
             from kd.generation.decode import lm_eval_generate_until
 
             return lm_eval_generate_until(self, requests, disable_tqdm)
-
-        def tok_decode(self, tokens, skip_special_tokens: bool = True):
-            if isinstance(tokens, list):  # a generated row (the eos lookup passes a bare int)
-                n, stopped = len(tokens), False
-                for j, t in enumerate(tokens):
-                    if t in self.stop_ids:
-                        n, stopped = j, True
-                        break
-                self._kd_pending = (n, stopped)
-            return super().tok_decode(tokens, skip_special_tokens=skip_special_tokens)
 
     from kd.models.loading import load_adapted, load_tokenizer
 
@@ -208,7 +182,6 @@ def _make_lm(spec: ModelSpec, batch_size: int, device: str):
                  batch_size=int(batch_size), device=device, trust_remote_code=spec.trust_remote_code)
     lm.token_counts = {}
     lm.stop_ids = set(_ensure_eos_stops(lm, _task_stops()))
-    lm.set_cache_hook(_CountingHook(lm))
     return lm
 
 

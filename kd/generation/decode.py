@@ -35,7 +35,7 @@ meaningful on the real pair only.
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -191,6 +191,12 @@ def greedy_decode(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: in
     return out
 
 
+def response_length(tokens: Sequence[int], stop_ids: Iterable[int]) -> tuple[int, bool]:
+    """(tokens before the first stop token, whether there was one): a response's length as the eval reports it."""
+    stops = set(stop_ids)
+    return next(((j, True) for j, tok in enumerate(tokens) if tok in stops), (len(tokens), False))
+
+
 def lm_eval_generate_until(lm, requests, disable_tqdm: bool = False) -> list[str]:
     """lm-eval's HFLM.generate_until, with the batch decoding done by `greedy_decode` over all requests at once.
 
@@ -198,7 +204,8 @@ def lm_eval_generate_until(lm, requests, disable_tqdm: bool = False) -> list[str
     encoding (`tok_batch_encode`, left truncation to max_length - max_gen_toks), its stop strings (the eot token
     appended, checked per row on the decoded last len(stop)+2 tokens, as its MultiTokenEOSCriteria does), the
     response decoded with `lm.tok_decode` and cut by `postprocess_generated_text`, and the cache hook call per
-    response (eval counts response tokens through those two). Greedy only: anything else is refused."""
+    response. Where `lm` has `token_counts` (kd's HFLM, kd.eval.evaluate), each response's length before its stop
+    token is recorded there, by context. Greedy only: anything else is refused."""
     import json
 
     from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
@@ -216,6 +223,7 @@ def lm_eval_generate_until(lm, requests, disable_tqdm: bool = False) -> list[str
     stop_ids = sorted(set(([] if eos is None else [eos] if isinstance(eos, int) else list(eos))
                           + list(getattr(lm, "stop_ids", ()))))
     res: list[str | None] = [None] * len(args)
+    counts = getattr(lm, "token_counts", None)  # kd's HFLM: context -> (tokens before the stop token, stopped?)
     pbar = tqdm(total=len(args), disable=disable_tqdm or lm.rank != 0, desc="Running generate_until requests")
     for idxs in groups.values():
         gen_kwargs = args[idxs[0]][1]
@@ -245,5 +253,7 @@ def lm_eval_generate_until(lm, requests, disable_tqdm: bool = False) -> list[str
                                            think_end_token=think if isinstance(think, str) else None)
             res[i] = s
             lm.cache_hook.add_partial("generate_until", args[i], s)
+            if counts is not None:  # the eval's response length: tokens before the first stop token
+                counts[args[i][0]] = response_length(toks, lm.stop_ids)
     pbar.close()
     return res
