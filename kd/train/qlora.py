@@ -22,7 +22,7 @@ BNB_OPTIMIZERS = ["adamw-8bit", "paged-adamw-8bit"]  # bitsandbytes' kernels: IS
 
 def check_params(p: dict) -> None:
     """Cross-key checks: refuse the combinations that cannot work, naming the key and what is allowed."""
-    q, opt = p["student"].get("quantization"), p["distill"].get("optimizer", "sgd")
+    q, opt = p["student"]["quantization"], p["distill"]["optimizer"]
     if q and p["compute"]["portable"]:
         raise ParamError("student.quantization", f"is {q}, but compute.portable is true: bitsandbytes' kernels "
                          "are ISA-specific, so a quantized student cannot give the same bits on every CPU",

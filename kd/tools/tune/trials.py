@@ -69,10 +69,12 @@ class Trials:
         from kd.train.run import StudentRun
 
         base = StudentRun.of(self.p, self.root)
-        d = base.cfg
-        cfg = {**d, "lr": values.get("lr", d["lr"]), "lora": {**d["lora"], "r": values.get("lora_r", d["lora"]["r"])}}
-        return replace(base, cfg=cfg, alpha=values.get("alpha", base.alpha),
-                       temperature=values.get("temperature", base.temperature))
+        cfg = dict(base.cfg)
+        if "lr" in values:  # searched (tune.space.lr not null); otherwise distill.lr as params hold it
+            cfg["lr"] = values["lr"]
+        if "lora_r" in values:
+            cfg["lora"] = {**cfg["lora"], "r": values["lora_r"]}
+        return replace(base, cfg=cfg, alpha=values["alpha"], temperature=values["temperature"])
 
     def nll(self, model) -> float:
         from kd.train.distill import gold_nll
