@@ -78,17 +78,22 @@ def project(tmp_path_factory, sentinel):
     return root
 
 
-@pytest.fixture
-def proj(project, sentinel):
-    """The placeholder project; the files a case edits are put back, outputs and the sentinel must be untouched."""
+def guarded(project: Path, sentinel: dict, outputs: list[str]):
+    """A fixture body: the files a case edits are put back afterwards; `outputs` under the project and the sentinel
+    outside it must be byte for byte as they were."""
     edited = ["params.yaml", "strategies.yaml", "dvc.yaml"]
     saved = {n: (project / n).read_bytes() for n in edited}
-    before = tree_digest(project, OUTPUT_ROOTS)
+    before = tree_digest(project, outputs)
     yield project
     for n, data in saved.items():
         (project / n).write_bytes(data)
-    assert tree_digest(project, OUTPUT_ROOTS) == before, "a failing case changed or removed an output"
+    assert tree_digest(project, outputs) == before, "a refused or interrupted run changed or removed an output"
     assert tree_digest(SENTINEL) == sentinel
+
+
+@pytest.fixture
+def proj(project, sentinel):
+    yield from guarded(project, sentinel, OUTPUT_ROOTS)
 
 
 def _limit_memory():

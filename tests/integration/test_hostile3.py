@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_hostile import OUTPUT_ROOTS, SENTINEL, one_line_error, sentinel, set_params, sub, tree_digest  # noqa: F401
+from test_hostile import (  # noqa: F401
+    OUTPUT_ROOTS, SENTINEL, guarded, one_line_error, sentinel, set_params, sub, tree_digest)
 
 from kd.core.errors import KdError
 from kd.core.guard import VALIDATED, check_layout, guard
@@ -40,15 +41,8 @@ def project(tmp_path_factory, sentinel):  # noqa: F811
 
 @pytest.fixture
 def proj(project, sentinel):  # noqa: F811
-    """The placeholder project; edited files put back; outputs and the sentinel outside must be untouched."""
-    edited = ["params.yaml", "strategies.yaml", "dvc.yaml"]
-    saved = {n: (project / n).read_bytes() for n in edited}
-    before = tree_digest(project, OUTPUTS)
-    yield project
-    for n, data in saved.items():
-        (project / n).write_bytes(data)
-    assert tree_digest(project, OUTPUTS) == before, "a refused or interrupted run changed or removed an output"
-    assert tree_digest(SENTINEL) == sentinel
+    """The placeholder project, guarded (test_hostile.guarded) over every output location of this round."""
+    yield from guarded(project, sentinel, OUTPUTS)
 
 
 def dvc(root: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
