@@ -6,12 +6,12 @@ stage. A template that passed is remembered by its sha256 for the rest of the pr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
 
 from kd.core.errors import ArtefactError
+from kd.core.io import sha256_bytes
 
 CHECK_SECONDS = 60          # the child's whole life, imports included (a normal template renders in milliseconds)
 CHECK_MEMORY = 1 << 30      # bytes the render may allocate beyond what the child's imports hold
@@ -46,7 +46,7 @@ def check_chat_template(template: str | None, model: str) -> None:
     CHECK_SECONDS, CHECK_MEMORY and MAX_RENDERED. No template: nothing to check (the caller decides)."""
     if not template:
         return
-    digest = hashlib.sha256(template.encode("utf-8", "surrogatepass")).hexdigest()
+    digest = sha256_bytes(template.encode("utf-8", "surrogatepass"))
     if digest in _CHECKED:
         return
     payload = json.dumps([template, PROBE, CHECK_MEMORY, MAX_RENDERED])
