@@ -4,14 +4,11 @@ import kd.core.portable; kd.core.portable.apply()  # noqa: E702 - compute.portab
 
 import click
 
-from kd.config.params import load_params
 from kd.core import launch
 from kd.core.entry import run_stage
-from kd.core.environment import record_environment
 from kd.core.io import sha256_file
-from kd.core.names import stage_arg
-from kd.core.seeding import seed_everything
 from kd.data.prompting import check_context
+from kd.harness.stage import Stage
 from kd.train import sharding
 from kd.train.inputs import load_kd_inputs
 from kd.train.run import StudentRun, fingerprint, run_training, weights_digest
@@ -20,38 +17,34 @@ from kd.train.run import StudentRun, fingerprint, run_training, weights_digest
 @click.command()
 @click.argument("strategy")
 def main(strategy):
-    p = load_params()
-    stage_arg("strategy", strategy, p["prompting"]["strategies"], "prompting.strategies")  # before any path use
-    run = StudentRun.of(p)
-    cfg = run.cfg
+    st = Stage("distill", strategy)
+    c = st.c
+    run = StudentRun.of(c.model_dump())
+    cfg = c.distill
     # compute.processes > 1: accelerate launch; ddp: at most one process per example of an optimizer step, fsdp: all
     # of them (they hold the student's shards), kd/train/sharding.py
-    fsdp = p["compute"]["sharding"] == "fsdp"
-    launch.relaunch(p["compute"]["processes"] if fsdp else min(p["compute"]["processes"], cfg["batch_size"]),
-                    __spec__.name, [strategy], sharding=p["compute"]["sharding"])
-    rank, procs = launch.init()
+    fsdp = c.compute.sharding == "fsdp"
+    rank, procs = st.launch(c.compute.processes if fsdp else min(c.compute.processes, cfg.batch_size),
+                            sharding=c.compute.sharding)
     # every artefact check runs before the student loads
-    inputs = load_kd_inputs(".", strategy, run.student["trust_remote_code"])
-    run_fp = fingerprint(cfg, run.alpha, run.temperature, run.seed, run.instruction,
+    inputs = load_kd_inputs(".", strategy, c.student.trust_remote_code)
+    run_fp = fingerprint(run.cfg, run.alpha, run.temperature, run.seed, run.instruction,
                          sha256_file(f"data/logits/{strategy}/manifest.json"),
                          sha256_file(f"data/teacher/{strategy}/responses.jsonl"), weights_digest("models/student"))
-    seed_everything(run.seed)
-    check_context(p, ".", {"student": inputs.tokenizer}, uses=("distill",))  # before the weights load
-    kept, examples, skipped = inputs.examples(cfg["response_filter"], run.instruction, cfg["max_length"],
-                                              cfg["hard_target"])
+    st.seed()
+    check_context(c, ".", {"student": inputs.tokenizer}, uses=("distill",))  # before the weights load
+    kept, examples, skipped = inputs.examples(cfg.response_filter, run.instruction, cfg.max_length, cfg.hard_target)
     sharded = fsdp and procs > 1  # one process has nothing to shard
     model = run.model(device=None if sharded else launch.device())
     if sharded:  # loaded on the CPU, each block moved to this process's device as it is sharded
         sharding.shard(model, procs)
-    done = run_training(run, f"kd-{strategy}", model, examples, inputs.teacher_for, run_fp,
-                        width=inputs.vocab["kd_width"], shard=(rank, procs),
-                        extra={"skipped": len(skipped), "filtered_out": len(inputs.responses) - len(kept),
-                               "response_filter": cfg["response_filter"], "hard_target": cfg["hard_target"],
-                               "kd_width": inputs.vocab["kd_width"]},
-                        validate=run.validation(inputs.tokenizer) if rank == 0 and not sharded else None)
-    if done is not None:  # rank 0 wrote the adapter, curves and metrics
-        record_environment(f"distill-{strategy}")  # environment/distill-<s>.json: the lineage beyond params + code
-    launch.finish()
+    run_training(run, f"kd-{strategy}", model, examples, inputs.teacher_for, run_fp,
+                 width=inputs.vocab["kd_width"], shard=(rank, procs),
+                 extra={"skipped": len(skipped), "filtered_out": len(inputs.responses) - len(kept),
+                        "response_filter": cfg.response_filter, "hard_target": cfg.hard_target,
+                        "kd_width": inputs.vocab["kd_width"]},
+                 validate=run.validation(inputs.tokenizer) if rank == 0 and not sharded else None)
+    st.finish()  # rank 0 wrote the adapter, curves and metrics (run_training printed its line)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,10 @@
 """Stage `model@<role>`: materialise params `<role>.model` into models/<role> (bf16 safetensors + tokenizer +
 chat template) plus models/<role>/kd_model.json (a byte-stable summary: no wall-clock times in it)."""
 
-import time
-
 import click
 
-from kd.config.params import load_params
 from kd.core.entry import run_stage
+from kd.harness.stage import Stage
 from kd.models.materialise import materialise
 from kd.models.registry import validate_spec
 
@@ -14,15 +12,12 @@ from kd.models.registry import validate_spec
 @click.command()
 @click.argument("role", type=click.Choice(["teacher", "student"]))
 def main(role):
-    p = load_params()
-    cfg = p[role]
-    validate_spec(cfg["model"], key=f"{role}.model")
+    st = Stage("model", role, kind="role", allowed=lambda c: ["teacher", "student"], key="role")
+    m = getattr(st.c, role)
+    validate_spec(m.model, key=f"{role}.model")
     out = f"models/{role}"
-    t0 = time.time()
-    summary = materialise(cfg["model"], out, dtype=cfg["dtype"], trust_remote_code=cfg["trust_remote_code"],
-                          manifest="kd_model.json")
-    print(f"model@{role}: {cfg['model']} -> {out}/ ({time.time() - t0:.1f} s; kd_model.json written)")
-    return summary
+    materialise(m.model, out, dtype=m.dtype, trust_remote_code=m.trust_remote_code, manifest="kd_model.json")
+    st.finish(f"{m.model} -> {out}/ (kd_model.json written)", environment=False)
 
 
 if __name__ == "__main__":

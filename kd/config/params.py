@@ -1,8 +1,10 @@
 """params.yaml: load and validate every key before any stage does expensive work.
 
 The params are typed config objects (`Params`, pydantic v2 models: one class per section, unknown keys forbidden, so
-a typo in `distill.lrr` never silently trains with the default). Each field's check is one of the small checkers
-below; a bad value raises ParamError naming the dotted key (pydantic's error location) and what is allowed."""
+a typo in `distill.lrr` never silently trains with the default). Each field's constraints are pydantic's own: strict
+types, bounds (`Int(1, 1000)`, `Num(0.0, 1.0)`), `Literal` choices; the few rules pydantic cannot state (a strategy
+name, a path inside the project, a template) are validators that raise Bad. A bad value raises ParamError naming the
+dotted key (pydantic's error location) and what is allowed, read back from the field's own constraints."""
 
 from __future__ import annotations
 
@@ -10,9 +12,10 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from types import UnionType
+from typing import Annotated, Any, Callable, Literal, Optional, Union, get_args, get_origin
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from kd.core.dtypes import NAMES as DTYPES
 from kd.core.errors import ParamError
@@ -42,70 +45,46 @@ class Bad(ValueError):
         self.problem, self.allowed = problem, allowed
 
 
-# --- small checkers: each returns the cleaned value or raises Bad ----------------------------------------
-def _int(lo: int | None = None, hi: int | None = None) -> Callable[[Any], int]:
-    def check(v):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise Bad(f"must be an integer, got {v!r}", _range(lo, hi))
-        if (lo is not None and v < lo) or (hi is not None and v > hi):
-            raise Bad(f"is out of range: {v}", _range(lo, hi))
-        return v
-    return check
+# --- field types: pydantic's own constraints (strict types, bounds, Literal choices); what is allowed is read back
+# from them for the error message (_allowed), so a bound is written once
+def Int(lo: int | None = None, hi: int | None = None) -> Any:  # noqa: N802 - a type
+    """A strict integer (not a bool, not 5.0) in [lo, hi]."""
+    return Annotated[int, Field(strict=True, ge=lo, le=hi)]
 
 
-def _float(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Callable[[Any], float]:
-    desc = f"a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-
-    def check(v):
-        if isinstance(v, str) and YAML12_FLOAT.match(v.strip()):  # `1e-4`: a number to YAML 1.2, DVC and users
-            v = float(v)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise Bad(f"must be a finite number, got {v!r}", desc)
-        v = float(v)
-        if v < lo or v > hi or (lo_open and v == lo) or (hi_open and v == hi):
-            raise Bad(f"is out of range: {v}", desc)
-        return v
-    return check
+def _yaml12(v):
+    """`1e-4` is a number to YAML 1.2, DVC and users; PyYAML (YAML 1.1) leaves it a string."""
+    return float(v) if isinstance(v, str) and YAML12_FLOAT.match(v.strip()) else v
 
 
-def _choice(options: list[str]) -> Callable[[Any], str]:
-    def check(v):
-        if v not in options:
-            raise Bad(f"is {v!r}", ", ".join(options))
-        return v
-    return check
+def Num(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Any:  # noqa: N802 - a type
+    """A finite number (an integer is taken as a float, a bool is not) in [lo, hi], ( or ) for an open end."""
+    bounds = {("gt" if lo_open else "ge"): lo, ("lt" if hi_open else "le"): hi}
+    return Annotated[float, BeforeValidator(_yaml12), Field(strict=True, allow_inf_nan=False, **bounds)]
 
 
-def _bool(v):
-    if not isinstance(v, bool):
-        raise Bad(f"must be true or false, got {v!r}", "true, false")
-    return v
+def Choice(options: list[str]) -> Any:  # noqa: N802 - a type
+    return Literal[tuple(options)]
 
 
-def _str(v):
-    if not isinstance(v, str) or not v.strip():
-        raise Bad(f"must be a non-empty string, got {v!r}")
-    return v
+Bool = Annotated[bool, Field(strict=True)]
+Name = Annotated[str, Field(strict=True, pattern=r"\S")]  # a non-blank string
+
+
+def _check(check) -> Any:
+    """A rule pydantic cannot state (names, paths, templates): `check` returns the value or raises Bad."""
+    return BeforeValidator(check)
 
 
 def _project_file(v):
     """A file a stage reads: a relative path inside the project, so that dvc.yaml can declare it as a dep."""
-    v = _str(v)
+    if not isinstance(v, str) or not v.strip():
+        raise Bad(f"must be a non-empty string, got {v!r}")
     p = Path(v)
     if p.is_absolute() or ".." in p.parts or v.startswith("~"):
         raise Bad(f"is {v!r}, not a path inside the project",
                   "a relative path such as strategies.yaml (DVC tracks it as a dep of the stages that read it)")
     return v
-
-
-def _text(v):
-    if not isinstance(v, str):
-        raise Bad(f"must be a string, got {v!r}")
-    return v
-
-
-def _optional(check):
-    return lambda v: None if v is None else check(v)
 
 
 def _str_list(v):
@@ -125,7 +104,9 @@ def _strategy_list(v):
 def _instruction(v):
     from kd.data.prompting import check_instruction
 
-    return check_instruction(_text(v), "prompting.instruction")
+    if not isinstance(v, str):
+        raise Bad(f"must be a string, got {v!r}")
+    return check_instruction(v, "prompting.instruction")
 
 
 def _source(v):
@@ -158,133 +139,123 @@ def _int_choices(lo: int, hi: int) -> Callable[[Any], list[int]]:
     return check
 
 
-def _range(lo, hi):
-    if lo is not None and hi is not None:
-        return f"an integer in [{lo}, {hi}]"
-    return f"an integer >= {lo}" if lo is not None else None
-
-
-def F(typ, check):  # noqa: N802 - a field: its Python type, checked by `check` before pydantic sees it
-    return Annotated[typ, BeforeValidator(check)]
-
-
 # --- the params, one model per section (field order = params.yaml order = the order errors are reported in) ---
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class Prepare(Section):
-    source: F(str, _source)
-    transfer_size: F(int, _int(1, 10**6))
-    validation_size: F(int, _int(0, 10**6))
-    eval_size: F(int, _int(1, 10**6))
+    source: Annotated[str, _check(_source)]
+    transfer_size: Int(1, 10**6)
+    validation_size: Int(0, 10**6)
+    eval_size: Int(1, 10**6)
 
 
 class Prompting(Section):
-    strategies: F(list[str], _strategy_list)
-    file: F(str, _project_file)
-    instruction: F(str, _instruction)
+    strategies: Annotated[list[str], _check(_strategy_list)]
+    file: Annotated[str, _check(_project_file)]
+    instruction: Annotated[str, _check(_instruction)]
 
 
 class Model(Section):
-    model: F(str, _str)
-    dtype: F(str, _choice(DTYPES))
-    trust_remote_code: F(bool, _bool)
+    model: Name
+    dtype: Choice(DTYPES)
+    trust_remote_code: Bool
 
 
 class Student(Model):
-    quantization: F(Optional[str], _optional(_choice(QUANTIZATIONS)))  # QLoRA (kd/train/qlora.py)
+    quantization: Optional[Choice(QUANTIZATIONS)]  # QLoRA (kd/train/qlora.py)
 
 
 class Teacher(Model):
-    max_new_tokens: F(int, _int(1, 32768))
-    batch_size: F(int, _int(1, 4096))
-    quantization: F(Optional[str], _optional(_choice(QUANTIZATIONS)))
+    max_new_tokens: Int(1, 32768)
+    batch_size: Int(1, 4096)
+    quantization: Optional[Choice(QUANTIZATIONS)]
 
 
 class Logits(Section):
-    format: F(str, _choice(LOGIT_FORMATS))
-    top_k: F(int, _int(1, 10**7))
-    shard_rows: F(int, _int(1, 10**9))
+    format: Choice(LOGIT_FORMATS)
+    top_k: Int(1, 10**7)
+    shard_rows: Int(1, 10**9)
 
 
 LORA_R_MAX = 4096  # distill.lora.r's bound; a saved adapter's r is held to it too (kd.models.loading.check_adapter)
 
 
 class Lora(Section):
-    r: F(int, _int(1, LORA_R_MAX))
-    alpha: F(float, _float(0.0, 1e6, lo_open=True))
-    dropout: F(float, _float(0.0, 1.0, hi_open=True))
-    target_modules: F(list[str], _str_list)
+    r: Int(1, LORA_R_MAX)
+    alpha: Num(0.0, 1e6, lo_open=True)
+    dropout: Num(0.0, 1.0, hi_open=True)
+    target_modules: Annotated[list[str], _check(_str_list)]
 
 
 class Distill(Section):
-    loss: F(str, _choice(LOSSES))
-    hard_target: F(str, _choice(HARD_TARGETS))
-    response_filter: F(str, _choice(RESPONSE_FILTERS))
-    epochs: F(int, _int(1, 1000))
-    lr: F(float, _float(0.0, 10.0, lo_open=True))
-    momentum: F(float, _float(0.0, 1.0, hi_open=True))
-    weight_decay: F(float, _float(0.0, 1.0))
-    max_length: F(int, _int(16, 10**6))
-    kd_chunk: F(int, _int(1, 10**6))
-    checkpoint_every: F(int, _int(1, 10**9))
-    optimizer: F(str, _choice(OPTIMIZERS))  # kd/train/qlora.py: sgd (the paper's), torch's AdamW, bitsandbytes' 8-bit AdamW
-    batch_size: F(int, _int(1, 4096))  # examples per optimizer step, shared over compute.processes
-    val_every: F(int, _int(0, 10**9))  # steps between validation gold NLLs (0: before and after training only)
+    loss: Choice(LOSSES)
+    hard_target: Choice(HARD_TARGETS)
+    response_filter: Choice(RESPONSE_FILTERS)
+    epochs: Int(1, 1000)
+    lr: Num(0.0, 10.0, lo_open=True)
+    momentum: Num(0.0, 1.0, hi_open=True)
+    weight_decay: Num(0.0, 1.0)
+    max_length: Int(16, 10**6)
+    kd_chunk: Int(1, 10**6)
+    checkpoint_every: Int(1, 10**9)
+    optimizer: Choice(OPTIMIZERS)  # kd/train/qlora.py: sgd (the paper's), torch's AdamW, bitsandbytes' 8-bit AdamW
+    batch_size: Int(1, 4096)  # examples per optimizer step, shared over compute.processes
+    val_every: Int(0, 10**9)  # steps between validation gold NLLs (0: before and after training only)
     lora: Lora
 
 
 class Eval(Section):
-    limit: F(Optional[int], _optional(_int(1, 10**7)))
-    max_new_tokens: F(int, _int(1, 32768))
-    batch_size: F(int, _int(1, 4096))
+    limit: Optional[Int(1, 10**7)]
+    max_new_tokens: Int(1, 32768)
+    batch_size: Int(1, 4096)
 
 
 class Report(Section):
-    attention_prompts: F(int, _int(1, 256))
-    primary_metric: F(str, _choice(PRIMARY_METRICS))  # kd/report/page.py: the conclusion's metric, named before the run
-    planning_disagreement: F(float, _float(0.0, 1.0, lo_open=True))  # kd/report/page.py, `kd plan`
+    attention_prompts: Int(1, 256)
+    primary_metric: Choice(PRIMARY_METRICS)  # kd/report/page.py: the conclusion's metric, named before the run
+    planning_disagreement: Num(0.0, 1.0, lo_open=True)  # kd/report/page.py, `kd plan`
 
 
 class Compute(Section):
-    portable: F(bool, _bool)  # kd/core/portable.py
-    processes: F(int, _int(1, 4096))  # kd/core/launch.py
-    sharding: F(str, _choice(SHARDINGS))  # kd/train/sharding.py
-    decode: F(str, _choice(DECODES))  # kd/generation/decode.py: batch-invariant (default) or the faster batched kernels
+    portable: Bool  # kd/core/portable.py
+    processes: Int(1, 4096)  # kd/core/launch.py
+    sharding: Choice(SHARDINGS)  # kd/train/sharding.py
+    decode: Choice(DECODES)  # kd/generation/decode.py: batch-invariant (default) or the faster batched kernels
 
 
 class Pruner(Section):
-    startup_trials: F(int, _int(0, 10**6))
-    warmup_steps: F(int, _int(0, 10**9))
+    startup_trials: Int(0, 10**6)
+    warmup_steps: Int(0, 10**9)
 
 
 class Space(Section):
-    alpha: F(list[float], _interval(0.0, 1.0))
-    temperature: F(list[float], _interval(MIN_TEMPERATURE, 100.0, positive=True))
-    lr: F(Optional[list[float]], _optional(_interval(0.0, 10.0, positive=True)))
-    lora_r: F(Optional[list[int]], _optional(_int_choices(1, LORA_R_MAX)))
+    alpha: Annotated[list[float], _check(_interval(0.0, 1.0))]
+    temperature: Annotated[list[float], _check(_interval(MIN_TEMPERATURE, 100.0, positive=True))]
+    lr: Optional[Annotated[list[float], _check(_interval(0.0, 10.0, positive=True))]]
+    lora_r: Optional[Annotated[list[int], _check(_int_choices(1, LORA_R_MAX))]]
 
 
 class Tune(Section):
     """`kd tune` (kd/tools/tune/study.py): no stage reads these, so editing them never invalidates the pipeline."""
-    strategy: F(str, _str)
-    objective: F(str, _choice(TUNE_OBJECTIVES))
-    n_trials: F(int, _int(1, 10**6))
-    timeout: F(Optional[int], _optional(_int(1, 10**8)))
-    storage: F(str, _str)
-    study: F(Optional[str], _optional(_str))
-    report_every: F(int, _int(1, 10**9))
-    heartbeat: F(int, _int(1, 86400))
+    strategy: Name
+    objective: Choice(TUNE_OBJECTIVES)
+    n_trials: Int(1, 10**6)
+    timeout: Optional[Int(1, 10**8)]
+    storage: Name
+    study: Optional[Name]
+    report_every: Int(1, 10**9)
+    heartbeat: Int(1, 86400)
     pruner: Pruner
     space: Space
 
 
 class Params(Section):
-    profile: F(Optional[str], _optional(_str)) = None
-    seed: F(int, _int(0, 2**32 - 1))
-    alpha: F(float, _float(0.0, 1.0))
-    temperature: F(float, _float(MIN_TEMPERATURE, 100.0))
+    profile: Optional[Name] = None
+    seed: Int(0, 2**32 - 1)
+    alpha: Num(0.0, 1.0)
+    temperature: Num(MIN_TEMPERATURE, 100.0)
     prepare: Prepare
     prompting: Prompting
     teacher: Teacher
@@ -330,7 +301,79 @@ def _param_error(e: ValidationError) -> ParamError:
     bad = (err.get("ctx") or {}).get("error")
     if isinstance(bad, Bad):
         return ParamError(key, bad.problem, bad.allowed)
-    return ParamError(key, err["msg"])  # pragma: no cover - every field has a checker
+    typ, bounds, options = _constraints(loc)
+    v, kind = err["input"], err["type"]
+    if typ is float and isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isfinite(v):
+        kind = "finite_number"  # pydantic tests the bounds first, and NaN fails them
+    if kind in ("int_type", "int_from_float", "int_parsing"):
+        problem = f"must be an integer, got {v!r}"
+    elif kind in ("float_type", "float_parsing", "finite_number"):
+        problem = f"must be a finite number, got {v!r}"
+    elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        problem = f"is out of range: {float(v) if typ is float else v}"
+    elif kind == "literal_error":
+        problem = f"is {v!r}"
+    elif kind == "bool_type":
+        problem = f"must be true or false, got {v!r}"
+    elif kind in ("string_type", "string_pattern_mismatch"):
+        problem = f"must be a non-empty string, got {v!r}"
+    else:  # pragma: no cover - the kinds above are every constraint the fields use
+        problem = err["msg"]
+    return ParamError(key, problem, _allowed(typ, bounds, options))
+
+
+def _constraints(loc: tuple) -> tuple[Any, dict, tuple]:
+    """The field at `loc`, read back from its declaration: (its type, {ge/gt/le/lt: bound}, its Literal options)."""
+    import annotated_types as at
+    from pydantic.fields import FieldInfo
+
+    field = None
+    model: Any = Params
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return None, {}, ()
+        model = field.annotation
+    bounds: dict = {}
+
+    def collect(meta) -> None:
+        for m in meta:
+            if isinstance(m, FieldInfo):
+                collect(m.metadata)
+            for k, cls in (("ge", at.Ge), ("gt", at.Gt), ("le", at.Le), ("lt", at.Lt)):
+                if isinstance(m, cls):
+                    bounds[k] = getattr(m, k)
+    collect(field.metadata)
+    ann = field.annotation
+    while get_origin(ann) in (Union, UnionType, Annotated):
+        if get_origin(ann) is Annotated:
+            ann, *meta = get_args(ann)
+            collect(meta)
+        else:  # Optional[X]: X's constraints (None is allowed as well)
+            ann = next(a for a in get_args(ann) if a is not type(None))
+    if get_origin(ann) is Literal:
+        return str, bounds, get_args(ann)
+    return ann, bounds, ()
+
+
+def _allowed(typ: Any, bounds: dict, options: tuple) -> str | None:
+    """What a field allows, in words, from its constraints."""
+    if options:
+        return ", ".join(options)
+    if typ is bool:
+        return "true, false"
+    if typ is int:
+        return _range(bounds.get("ge"), bounds.get("le"))
+    if typ is float:
+        lo, hi = bounds.get("ge", bounds.get("gt")), bounds.get("le", bounds.get("lt"))
+        return f"a number in {'(' if 'gt' in bounds else '['}{lo}, {hi}{')' if 'lt' in bounds else ']'}"
+    return None
+
+
+def _range(lo, hi):
+    if lo is not None and hi is not None:
+        return f"an integer in [{lo}, {hi}]"
+    return f"an integer >= {lo}" if lo is not None else None
 
 
 def parse(data: Any) -> Params:

@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kd.core.errors import KdError
+
+if TYPE_CHECKING:
+    from kd.config.params import Params
 
 FIELDS = ("question", "answer", "solution")
 # Templates are plain placeholder substitution, never str.format: `{question}`, `{answer}`, `{solution}` are
@@ -148,7 +152,7 @@ def _built_from(folder: Path) -> str | None:
         return None
 
 
-def check_context(params: dict, root: str | Path = ".", tokenizers: dict | None = None,
+def check_context(params: Params, root: str | Path = ".", tokenizers: dict | None = None,
                   uses: tuple[str, ...] = ("teacher", "distill", "eval"), eval_models: list[str] | None = None,
                   current_only: bool = False) -> None:
     """Refuse an instruction or template so long that even an empty question's prompt, plus what must be generated
@@ -162,33 +166,33 @@ def check_context(params: dict, root: str | Path = ".", tokenizers: dict | None 
     from kd.core.errors import ParamError
 
     root = Path(root)
-    instruction = params["prompting"]["instruction"]
+    instruction = params.prompting.instruction
     question = render_question("", instruction)
     checks: list[tuple[str, str, str, str, int]] = []  # role, what, text, key, tokens after the prompt
     if "teacher" in uses:
-        templates = load_strategies(root / params["prompting"]["file"])
+        templates = load_strategies(root / params.prompting.file)
         empty = {"question": "", "gold": "", "answer": ""}
         checks += [("teacher", f"the teacher prompt of strategy `{s}`", teacher_text(templates[s], empty, instruction),
-                    "teacher.max_new_tokens", params["teacher"]["max_new_tokens"])
-                   for s in params["prompting"]["strategies"]]
+                    "teacher.max_new_tokens", params.teacher.max_new_tokens)
+                   for s in params.prompting.strategies]
     if "distill" in uses:
         checks.append(("student", "the student's prompt", question, "", 1))
     if "eval" in uses:
         # every arm is the teacher or an arm over the student's weights (kd/config/arms.py)
         bases = {"teacher" if m == "teacher" else "student" for m in (eval_models or ["teacher", "student"])}
-        checks += [(role, "the evaluation prompt", question, "eval.max_new_tokens", params["eval"]["max_new_tokens"])
+        checks += [(role, "the evaluation prompt", question, "eval.max_new_tokens", params.eval.max_new_tokens)
                    for role in sorted(bases)]
     toks = dict(tokenizers or {})
     for role, what, text, key, new in checks:
         folder = root / "models" / role
         ctx = context_size(folder)
-        if ctx is None or (current_only and _built_from(folder) != params[role]["model"]):
+        if ctx is None or (current_only and _built_from(folder) != getattr(params, role).model):
             continue
         if role not in toks:
             from kd.models.loading import load_tokenizer
 
             try:
-                toks[role] = load_tokenizer(folder, params[role]["trust_remote_code"])
+                toks[role] = load_tokenizer(folder, getattr(params, role).trust_remote_code)
             except Exception:  # noqa: BLE001 - a broken folder is for its loader to report
                 toks[role] = None
         if toks[role] is None:

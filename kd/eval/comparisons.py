@@ -6,9 +6,12 @@ kd/report/page.py reads the inputs and renders; docs/comparisons.md explains the
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kd.core.errors import ArtefactError
+
+if TYPE_CHECKING:
+    from kd.config.params import Params
 
 KINDS = ("strict", "flexible")
 
@@ -79,11 +82,11 @@ def paired(questions: dict[str, dict[int, dict]], arm: str, ref: str, kind: str,
             "mde_planning": mcnemar_mde(r["n"], planning)}
 
 
-def compare(params: dict, data: dict) -> list[dict]:
+def compare(params: Params, data: dict) -> list[dict]:
     """The families with every pair tested per metric and Holm-corrected within its family and metric."""
     from kd.eval.stats import holm
 
-    planning = params["report"]["planning_disagreement"]
+    planning = params.report.planning_disagreement
     out = []
     for fam in families(data["strategies"]):
         rows = [{"arm": a, "ref": r, **{k: paired(data["questions"], a, r, k, planning) for k in KINDS}}

@@ -17,7 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import yaml
 
@@ -25,6 +25,9 @@ from kd.core.errors import ArtefactError, KdError
 from kd.core.io import read_jsonl, write_json, write_jsonl
 from kd.core.paths import GSM8K_TASK
 from kd.data.prompting import eval_prompt  # shared with teacher/distill: every model sees the same question
+
+if TYPE_CHECKING:
+    from kd.config.params import Params
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +56,14 @@ class ModelSpec:
     quantization: str | None = None  # student.quantization: a QLoRA arm is evaluated on its quantized base
 
 
-def resolve_model(name: str, params: dict, models_dir: str | Path = MODELS_DIR) -> ModelSpec:
+def resolve_model(name: str, params: Params, models_dir: str | Path = MODELS_DIR) -> ModelSpec:
     """Map an arm name to its folders and loading options. Validates only; touches no files."""
     from kd.config.arms import resolve
 
-    arm = resolve(name, params["prompting"]["strategies"], models_dir)
-    sect = params[arm.role]
-    return ModelSpec(name, arm.model_dir, arm.adapter_dir, sect["dtype"], sect["trust_remote_code"], arm.prompt,
-                     sect["quantization"] if arm.role == "student" else None)
+    arm = resolve(name, params.prompting.strategies, models_dir)
+    sect = getattr(params, arm.role)
+    return ModelSpec(name, arm.model_dir, arm.adapter_dir, sect.dtype, sect.trust_remote_code, arm.prompt,
+                     sect.quantization if arm.role == "student" else None)
 
 
 def check_model_files(spec: ModelSpec) -> None:
@@ -326,28 +329,28 @@ def response_token_counts(samples: Sequence[dict], lm, max_new_tokens: int) -> d
 # ------------------------------------------------------------------------------------------------ stage
 
 
-def evaluate_docs(spec: ModelSpec, rows: Sequence[dict], params: dict, *,
+def evaluate_docs(spec: ModelSpec, rows: Sequence[dict], params: Params, *,
                   device: str | None = None) -> tuple[list[dict], dict]:
     """Score prepared rows (id/question/gold) with one model. Returns (sample rows, metrics)."""
     from kd.models.loading import default_device
 
-    ev, limit = params["eval"], params["eval"].get("limit")
-    docs = build_docs(rows, params["prompting"]["instruction"], spec.prompt)
-    lm = _make_lm(spec, ev["batch_size"], device or default_device())
-    lm.kd_invariant = params["compute"]["decode"] == "invariant"  # kd.generation.decode.greedy_decode's mode
-    results = run_lm_eval(lm, docs, max_new_tokens=ev["max_new_tokens"], batch_size=ev["batch_size"],
-                          limit=limit, seed=params["seed"])
+    ev, limit = params.eval, params.eval.limit
+    docs = build_docs(rows, params.prompting.instruction, spec.prompt)
+    lm = _make_lm(spec, ev.batch_size, device or default_device())
+    lm.kd_invariant = params.compute.decode == "invariant"  # kd.generation.decode.greedy_decode's mode
+    results = run_lm_eval(lm, docs, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
+                          limit=limit, seed=params.seed)
     samples = results["samples"][TASK_NAME]
     out_rows = rows_from_samples(samples)
     expected = len(docs) if limit is None else min(int(limit), len(docs))
     check_against_lm_eval(out_rows, results["results"][TASK_NAME], expected)
-    counts = response_token_counts(samples, lm, ev["max_new_tokens"])
+    counts = response_token_counts(samples, lm, ev.max_new_tokens)
     for r in out_rows:
         r["response_tokens"], r["truncated"] = counts[r["id"]]
     return out_rows, summarise(out_rows)
 
 
-def evaluate_model(name: str, params: dict, *, root: str | Path = ".", device: str | None = None) -> dict:
+def evaluate_model(name: str, params: Params, *, root: str | Path = ".", device: str | None = None) -> dict:
     """The eval@<name> stage: read the prepared eval split, evaluate, write metrics + samples.
 
     Returns a summary: {"model", "items", "tokens", "seconds", **metrics}. `root` is the repository root

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kd.core.errors import ArtefactError
 from kd.core.io import atomic_path, read_json, read_jsonl, write_json, write_text
@@ -27,6 +27,9 @@ from kd.eval.comparisons import (  # noqa: F401
     verdict,
 )
 from kd.report.plots import ATTN_LABELS, plot_accuracy, plot_attention
+
+if TYPE_CHECKING:
+    from kd.config.params import Params
 
 EVAL_KEYS = ("accuracy_strict", "accuracy_flexible", "ci95_strict_low", "ci95_strict_high", "ci95_flexible_low",
              "ci95_flexible_high", "correct_strict", "correct_flexible", "n", "mean_response_tokens", "truncated")
@@ -76,12 +79,12 @@ def _questions(path: Path, metrics: dict) -> dict[int, dict]:
     return by_id
 
 
-def collect(params: dict, root: str | Path = ".") -> dict:
+def collect(params: Params, root: str | Path = ".") -> dict:
     """Read every input of the report. Raises ArtefactError naming the first missing/inconsistent file."""
     from kd.config.arms import arm_names
 
     root = Path(root)
-    strategies = list(params["prompting"]["strategies"])
+    strategies = list(params.prompting.strategies)
     models = arm_names(strategies)
     data: dict[str, Any] = {"models": models, "strategies": strategies, "eval": {}, "questions": {},
                             "teacher": {}, "distill": {}}
@@ -103,7 +106,7 @@ def collect(params: dict, root: str | Path = ".") -> dict:
     data["environment_note"] = environment_note(envs)
     from kd.core.paths import SELECTION_DIR
 
-    prof = params.get("profile")
+    prof = params.profile
     sel = root / SELECTION_DIR / f"{prof}.json" if prof and re.fullmatch(r"[a-z][a-z0-9_]{0,63}", prof) else None
     data["selection"] = read_json(sel) if sel is not None and sel.exists() else None
     return data
@@ -140,16 +143,16 @@ def attention_means(rows: list[dict]) -> dict[str, dict[str, float | None]]:
     return out
 
 
-def analyse(params: dict, data: dict, attention: list[dict]) -> dict:
+def analyse(params: Params, data: dict, attention: list[dict]) -> dict:
     """Everything the page, plots and metrics show, as plain data."""
-    primary = params["report"]["primary_metric"]
-    planning = params["report"]["planning_disagreement"]
+    primary = params.report.primary_metric
+    planning = params.report.planning_disagreement
     fams = compare(params, data)
     attention = [{k: num(v) for k, v in r.items()} for r in attention]
     order = {m: i for i, m in enumerate(data["models"])}
     attention.sort(key=lambda r: (order.get(r["model"], len(order)), r["model"], r["layer"]))
     sel = data["selection"]
-    if sel is not None and sel.get("profile") != params.get("profile"):
+    if sel is not None and sel.get("profile") != params.profile:
         sel = None  # measured for another profile: not this run's evidence
     planned = [c[primary]["mde_planning"] for f in fams for c in f["rows"]]
     return {"params": params, "data": data, "eval": data["eval"], "families": fams, "primary": primary,
@@ -221,9 +224,9 @@ def accuracy_rows(an: dict) -> list[dict]:
 # ------------------------------------------------------------------------------------------------ page
 
 
-def _remote_code(p: dict) -> str:
+def _remote_code(p: Params) -> str:
     """Models load with trust_remote_code=False unless params allow it; the report says which did."""
-    on = [role for role in ("teacher", "student") if p[role].get("trust_remote_code")]
+    on = [role for role, m in (("teacher", p.teacher), ("student", p.student)) if m.trust_remote_code]
     return "off (safetensors weights only, no model code executed)" if not on else \
         f"ON for {' and '.join(on)}: Python code shipped with the model was executed"
 
@@ -265,7 +268,7 @@ def render_html(markdown: str) -> str:
 # ------------------------------------------------------------------------------------------------ stage
 
 
-def write_report(params: dict, attention: list[dict], root: str | Path = ".") -> dict:
+def write_report(params: Params, attention: list[dict], root: str | Path = ".") -> dict:
     """Read inputs under `root`, write reports/{index.md,index.html,attention.json,accuracy.json,comparisons.json,
     plots/} and the headline metrics/{compare,strict,flexible}/ (all atomically). Returns the verdict's best arm (None: no significant winner) and them."""
     root = Path(root)

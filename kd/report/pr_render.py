@@ -36,15 +36,10 @@ def _stage_list(stages: list[str]) -> str:
     return ", ".join(f"`{s}`" for s in stages) if stages else "none"
 
 
-def render(an: dict, plots: dict[str, str]) -> str:
-    from kd.eval.comparisons import pval
-
-    base, head = an["base"], an["head"]
-    L = [f"# kd-prime: {head.name} (`{head.short}`) vs {base.name} (`{base.short}`)", ""]
-    L += ["Built from what git holds at the two commits (`kd pr-report`): no model was run for this report.", ""]
-
-    # -- summary
-    arms, ch = an["arms"], an["stages"]
+def _summary(an: dict) -> list[str]:
+    """Which arms moved beyond noise on the headline metric, and which arms' eval re-ran."""
+    arms = an["arms"]
+    L: list[str] = []
     paired = [a for a in arms if a.get("paired")]
     moved = [a["arm"] for a in paired if a["beyond_noise"]]
     if moved:
@@ -60,8 +55,13 @@ def render(an: dict, plots: dict[str, str]) -> str:
     reran_arms = [a["arm"] for a in arms if a["reran"]]
     L.append(f"Arms whose eval re-ran: {', '.join(f'`{a}`' for a in reran_arms) or 'none'}.")
     L.append("")
+    return L
 
-    # -- params
+
+def _params(an: dict) -> list[str]:
+    """The params that differ between the two commits."""
+    base, head = an["base"], an["head"]
+    L: list[str] = []
     L += ["## Params changed", ""]
     if an["params"]:
         L += ["| param | " + f"{base.name} | {head.name} |", "|---|---|---|"]
@@ -69,8 +69,13 @@ def render(an: dict, plots: dict[str, str]) -> str:
     else:
         L.append("No param changed (params.yaml, strategies.yaml).")
     L.append("")
+    return L
 
-    # -- stages
+
+def _stages(an: dict) -> list[str]:
+    """Which stages re-ran (dvc.lock), and a lock that is stale against its own params."""
+    base, head, ch = an["base"], an["head"], an["stages"]
+    L: list[str] = []
     L += ["## Stages (dvc.lock)", ""]
     if not any(an["has_lock"]):
         L.append("Neither commit has a dvc.lock: nothing has been run and committed.")
@@ -90,8 +95,15 @@ def render(an: dict, plots: dict[str, str]) -> str:
                      f"{rev.name} commits (e.g. `{s}`: `{k}` = {_v(locked)} in the lock, {_v(now)} in params). "
                      "Its results are not the results of its params: run `dvc repro` and commit.")
     L.append("")
+    return L
 
-    # -- accuracy
+
+def _accuracy(an: dict) -> list[str]:
+    """Accuracy per arm and metric at both commits, the paired test and what it can detect."""
+    from kd.eval.comparisons import pval
+
+    base, head, arms = an["base"], an["head"], an["arms"]
+    L: list[str] = []
     L += ["## Accuracy per arm", "",
           "95 % Wilson intervals. The test pairs the two commits on the questions both scored (exact McNemar: the "
           "questions one commit got right and the other wrong); *detectable* is the smallest change those "
@@ -115,16 +127,22 @@ def render(an: dict, plots: dict[str, str]) -> str:
             L.append(f"| {a['arm']} | {_pct(acc_a)} | {_pct(acc_b)} | {delta} | {test} | "
                      f"{'yes' if a['reran'] else 'no'} |")
         L.append("")
-    notes = []
+    return L
+
+
+def _notes(an: dict) -> list[str]:
+    """Per arm, in words: new or removed arms, missing per-question results, unshared questions."""
+    base, head, arms = an["base"], an["head"], an["arms"]
+    L: list[str] = []
     for a in arms:
         if not a["in_base"]:
-            notes.append(f"- `{a['arm']}`: new at {head.name} (no result at {base.name}).")
+            L.append(f"- `{a['arm']}`: new at {head.name} (no result at {base.name}).")
         elif not a["in_head"]:
-            notes.append(f"- `{a['arm']}`: removed at {head.name} (only {base.name} has it).")
+            L.append(f"- `{a['arm']}`: removed at {head.name} (only {base.name} has it).")
         elif not a["per_question"]:
             missing = [r.name for r, q in ((base, f"{EVAL_DIR}/{a['arm']}.jsonl"), (head, f"{EVAL_DIR}/{a['arm']}.jsonl"))
                        if q not in r.files]
-            notes.append(f"- `{a['arm']}`: no per-question results at {' and '.join(missing)} "
+            L.append(f"- `{a['arm']}`: no per-question results at {' and '.join(missing)} "
                          f"(`{EVAL_DIR}/{a['arm']}.jsonl`): accuracies from `{EVAL_DIR}/{a['arm']}.json`, no paired test.")
         if a.get("only_base") or a.get("only_head"):
             parts = []
@@ -132,19 +150,20 @@ def render(an: dict, plots: dict[str, str]) -> str:
                 parts.append(f"{len(a['only_base'])} only at {base.name} (ids {_ids(a['only_base'])})")
             if a["only_head"]:
                 parts.append(f"{len(a['only_head'])} only at {head.name} (ids {_ids(a['only_head'])})")
-            notes.append(f"- `{a['arm']}`: questions not scored by both commits: {'; '.join(parts)}. The accuracies "
+            L.append(f"- `{a['arm']}`: questions not scored by both commits: {'; '.join(parts)}. The accuracies "
                          "above are over each commit's own questions; the test uses only the shared ones.")
         if a.get("per_question") and a["reran"] and not a.get("answers_changed") and a.get("shared"):
-            notes.append(f"- `{a['arm']}`: re-ran, and every shared question's answer is the same.")
+            L.append(f"- `{a['arm']}`: re-ran, and every shared question's answer is the same.")
         elif a.get("answers_changed"):
-            notes.append(f"- `{a['arm']}`: {a['answers_changed']} of {a['shared']} shared questions answered "
+            L.append(f"- `{a['arm']}`: {a['answers_changed']} of {a['shared']} shared questions answered "
                          "differently (extracted answer, tokens or truncation).")
-    if notes:
-        L += notes + [""]
-    if "accuracy" in plots:
-        L += [f"![accuracy per arm at both commits]({plots['accuracy']})", ""]
+    return L
 
-    # -- teacher
+
+def _teacher(an: dict) -> list[str]:
+    """The teacher per strategy on the transfer questions, at both commits."""
+    base, head = an["base"], an["head"]
+    L: list[str] = []
     ta, tb = an["teacher"]
     if ta or tb:
         L += ["## The teacher per strategy (transfer questions: what the KD arms learn from)", "",
@@ -158,12 +177,13 @@ def render(an: dict, plots: dict[str, str]) -> str:
                     cells.append("—" if not isinstance(v, (int, float)) else f"{100 * v:.1f} %")
             L.append(f"| {s} | " + " | ".join(cells) + " |")
         L.append("")
+    return L
 
-    # -- loss
-    if "loss" in plots:
-        L += ["## Training loss", "", f"![training loss at both commits]({plots['loss']})", ""]
 
-    # -- environment
+def _environment(an: dict) -> list[str]:
+    """Each commit's environment fingerprint and, in words, what a change of machine means."""
+    base, head = an["base"], an["head"]
+    L: list[str] = []
     ea, eb = an["env"]
     L += ["## Environment", "", f"- {base.name}: fingerprint `{ea['headline'] or 'none recorded'}`",
           f"- {head.name}: fingerprint `{eb['headline'] or 'none recorded'}`", ""]
@@ -179,4 +199,20 @@ def render(an: dict, plots: dict[str, str]) -> str:
         L.append("Same environment at both commits: a difference above is not the machine's.")
     else:
         L.append("No environment recorded at one of the commits: cannot tell whether the machine changed.")
+    return L
+
+
+def render(an: dict, plots: dict[str, str]) -> str:
+    base, head = an["base"], an["head"]
+    L = [f"# kd-prime: {head.name} (`{head.short}`) vs {base.name} (`{base.short}`)", ""]
+    L += ["Built from what git holds at the two commits (`kd pr-report`): no model was run for this report.", ""]
+    L += _summary(an) + _params(an) + _stages(an) + _accuracy(an)
+    notes = _notes(an)
+    L += notes + [""] if notes else []
+    if "accuracy" in plots:
+        L += [f"![accuracy per arm at both commits]({plots['accuracy']})", ""]
+    L += _teacher(an)
+    if "loss" in plots:
+        L += ["## Training loss", "", f"![training loss at both commits]({plots['loss']})", ""]
+    L += _environment(an)
     return "\n".join(L).rstrip("\n") + "\n"

@@ -8,13 +8,18 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from kd.core.errors import ArtefactError
 from kd.core.io import read_json, sha256_file, write_json
+from kd.core.launch import barrier
 from kd.data.answers import score
 from kd.data.prompting import chat_ids, teacher_text
+
+if TYPE_CHECKING:
+    from kd.config.params import Params
 
 
 def build_prompts(rows: list[dict], template: str, instruction: str, tokenizer) -> list[dict]:
@@ -55,22 +60,42 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return eos
 
 
-def run_generation(model, tokenizer, rows: list[dict], template: str, instruction: str, max_new_tokens: int,
-                   batch_size: int, work_dir: Path, fingerprint: str,
-                   progress: Callable[[int, int], None] | None = None, shard: tuple[int, int] = (0, 1),
-                   sync: Callable[[], None] = lambda: None, invariant: bool = True) -> list[dict]:
-    """Generate for every row; finished chunks are kept in `work_dir` so a killed run resumes where it was.
-    `fingerprint` names everything the responses depend on: a batch from other settings is never reused.
+@dataclass(frozen=True)
+class Generation:
+    """One teacher generation run: what is asked (template, instruction), how it is decoded (kd.generation.decode:
+    budget, batch, compute.decode's `invariant`), and where finished chunks are kept for a resume (`work`), under a
+    `fingerprint` of everything the responses depend on: a chunk from other settings is never reused."""
+    template: str
+    instruction: str
+    max_new_tokens: int
+    batch_size: int
+    work: Path
+    fingerprint: str
+    invariant: bool = True
+
+    @classmethod
+    def of(cls, c: Params, template: str, work: Path, model_dir: str | Path = "models/teacher") -> Generation:
+        """The teacher stage's run from its typed params."""
+        t = c.teacher
+        fp = fingerprint(template, c.prompting.instruction, {**t.model_dump(), "decode": c.compute.decode}, c.seed,
+                         model_dir)
+        return cls(template, c.prompting.instruction, t.max_new_tokens, t.batch_size, Path(work), fp,
+                   c.compute.decode == "invariant")
+
+
+def run_generation(model, tokenizer, rows: list[dict], gen: Generation,
+                   progress: Callable[[int, int], None] | None = None, shard: tuple[int, int] = (0, 1)) -> list[dict]:
+    """Generate for every row; finished chunks are kept in `gen.work` so a killed run resumes where it was.
     `progress(answers, tokens)` is called as answers finish (a reused chunk: all of its answers at once).
-    `invariant`: compute.decode (kd.generation.decode.greedy_decode).
 
     shard=(rank, N) under compute.processes (kd/core/launch.py): this process decodes chunks rank, rank+N, ... of the
-    fixed chunk order, `sync` waits for every process's chunks, and rank 0 merges them all in id order (the others
-    return []). Whole chunks, not rows, are shared out: a row's bits may depend on which rows shared its batch, so
-    this keeps every response byte-identical to one process's."""
-    prompts = build_prompts(rows, template, instruction, tokenizer)
+    fixed chunk order, waits for every process's chunks (kd.core.launch.barrier), and rank 0 merges them all in id
+    order (the others return []). Whole chunks, not rows, are shared out: a row's bits may depend on which rows shared
+    its batch, so this keeps every response byte-identical to one process's."""
+    work_dir, fp = gen.work, gen.fingerprint
+    prompts = build_prompts(rows, gen.template, gen.instruction, tokenizer)
     done: dict[int, list[int]] = {}
-    order = chunks(prompts, batch_size)
+    order = chunks(prompts, gen.batch_size)
     rank, size = shard
     reused = 0
     for n, batch in enumerate(order):
@@ -81,15 +106,15 @@ def run_generation(model, tokenizer, rows: list[dict], template: str, instructio
             cached = read_json(part) if part.exists() else None
         except ArtefactError:  # unreadable (e.g. written while the disk was full): generate it again
             cached = None
-        if cached and cached.get("fingerprint") == fingerprint and cached["ids"] == [p["id"] for p in batch]:
+        if cached and cached.get("fingerprint") == fp and cached["ids"] == [p["id"] for p in batch]:
             responses = cached["responses"]
             reused += 1
             if progress:
                 progress(len(responses), sum(map(len, responses)))
         else:
-            responses = generate_chunk(model, tokenizer, batch, max_new_tokens, batch_size,
-                                       (lambda n: progress(1, n)) if progress else None, invariant)
-            write_json(part, {"fingerprint": fingerprint, "ids": [p["id"] for p in batch], "responses": responses})
+            responses = generate_chunk(model, tokenizer, batch, gen.max_new_tokens, gen.batch_size,
+                                       (lambda n: progress(1, n)) if progress else None, gen.invariant)
+            write_json(part, {"fingerprint": fp, "ids": [p["id"] for p in batch], "responses": responses})
         for p, r in zip(batch, responses):
             done[p["id"]] = r
     if reused:
@@ -98,13 +123,13 @@ def run_generation(model, tokenizer, rows: list[dict], template: str, instructio
     if size > 1:
         print(f"teacher: process {rank} of {size} decoded chunks {list(range(rank, len(order), size))} of "
               f"{len(order)}", file=sys.stderr, flush=True)
-        sync()  # every process has written its chunks
+        barrier()  # every process has written its chunks
         if rank != 0:
             return []
         for n, batch in enumerate(order):
             if n % size:
                 cached = read_json(work_dir / f"chunk-{n:05d}.json")
-                if cached.get("fingerprint") != fingerprint or cached["ids"] != [p["id"] for p in batch]:
+                if cached.get("fingerprint") != fp or cached["ids"] != [p["id"] for p in batch]:
                     raise ArtefactError(f"{work_dir}/chunk-{n:05d}.json: not the chunk process {n % size} should "
                                         "have written for this run")
                 done.update(zip(cached["ids"], cached["responses"]))

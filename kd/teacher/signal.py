@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,10 @@ from tqdm import tqdm
 
 from kd.core.errors import ArtefactError
 from kd.core.io import atomic_path, remove_tree, save_safetensors, sha256_bytes, sha256_file, write_json
+from kd.core.launch import barrier
+
+if TYPE_CHECKING:
+    from kd.config.params import Logits
 
 MANIFEST = "manifest.json"
 # `hidden` assumes logits = h · W_outᵀ. Models whose head scales or soft-caps the logits break that; refuse them.
@@ -140,21 +146,32 @@ class SignalWriter:
         return manifest
 
 
-def write_signal(model, responses: list[dict], fmt: str, top_k: int, shard_rows: int, out_dir: str | Path | None,
-                 meta: dict, work_dir: str | Path, shard: tuple[int, int] = (0, 1), sync=lambda: None,
-                 progress=lambda n: None) -> dict | None:
+@dataclass(frozen=True)
+class SignalJob:
+    """What the logits stage writes: in which format (params `logits`: format, top_k, shard_rows), to `out` (shards +
+    manifest, written atomically), with `meta` added to the manifest; `work` holds each process's examples under
+    compute.processes."""
+    cfg: Logits
+    out: Path
+    work: Path
+    meta: dict
+
+
+def write_signal(model, responses: list[dict], job: SignalJob, out_dir: str | Path | None,
+                 shard: tuple[int, int] = (0, 1), progress=lambda n: None) -> dict | None:
     """Capture every response's teacher signal into `out_dir` (shards + manifest, in id order); returns the manifest.
 
     shard=(rank, N) under compute.processes (kd/core/launch.py): this process captures examples rank, rank+N, ... of the
-    id order into `work_dir`, `sync` waits for all, and rank 0 writes the shards from them in id order (the others
-    return None). Each example is one forward of its own, so the shards are byte-identical to one process's."""
+    id order into `job.work`, waits for all (kd.core.launch.barrier), and rank 0 writes the shards from them in id
+    order (the others return None). Each example is one forward of its own, so the shards are byte-identical to one
+    process's."""
     rows = sorted(responses, key=lambda r: r["id"])
     rank, size = shard
-    work_dir = Path(work_dir)
+    work_dir, fmt = Path(job.work), job.cfg.format
 
     def one(k):
         r = rows[k]  # the recomputation is checked on every example
-        return capture(model, r["prompt_ids"], r["response_ids"], fmt, top_k, check_logits=True)
+        return capture(model, r["prompt_ids"], r["response_ids"], fmt, job.cfg.top_k, check_logits=True)
 
     if size > 1:
         from safetensors import safe_open
@@ -166,7 +183,7 @@ def write_signal(model, responses: list[dict], fmt: str, top_k: int, shard_rows:
             progress(1)
         print(f"logits: process {rank} of {size} captured {len(range(rank, len(rows), size))} of {len(rows)} "
               "examples", flush=True)
-        sync()  # every process has written its examples
+        barrier()  # every process has written its examples
         if rank != 0:
             return None
 
@@ -176,36 +193,36 @@ def write_signal(model, responses: list[dict], fmt: str, top_k: int, shard_rows:
         examples = (load(k) for k in range(len(rows)))
     else:
         examples = ((progress(1), one(k))[1] for k in range(len(rows)))
-    writer = SignalWriter(out_dir, fmt, shard_rows)
+    writer = SignalWriter(out_dir, fmt, job.cfg.shard_rows)
     max_diff = 0.0
     for r, (tensors, diff) in zip(rows, examples):
         if diff is not None:
             max_diff = max(max_diff, diff)
         writer.add(r["id"], r["response_ids"], tensors)
     # proof, on every example, that hidden @ W_out^T reproduces the model's logits
-    return writer.close({**meta, "recompute_max_abs_diff": max_diff})
+    return writer.close({**job.meta, "recompute_max_abs_diff": max_diff})
 
 
-def record_signal(model, model_dir: str | Path, responses: list[dict], out_dir: str | Path, meta: dict, fmt: str,
-                  top_k: int, shard_rows: int, work_dir: str | Path, shard: tuple[int, int] = (0, 1),
-                  sync=lambda: None, desc: str = "logits") -> tuple[dict, float] | None:
-    """The teacher's forward over every response, written atomically to `out_dir` as shards + manifest. Returns the
+def record_signal(model, model_dir: str | Path, responses: list[dict], job: SignalJob,
+                  shard: tuple[int, int] = (0, 1), desc: str = "logits") -> tuple[dict, float] | None:
+    """The teacher's forward over every response, written atomically to `job.out` as shards + manifest. Returns the
     manifest and the largest |recomputed - model| logit difference, checked on every example;
     under compute.processes (shard=(rank, N)) only rank 0 writes and returns, the others return None."""
     name, weight = output_layer(model_dir)
-    meta = {**meta, "hidden_size": model.config.hidden_size, "vocab_size": weight.shape[0],
-            "top_k": top_k if fmt == "topk" else None,
-            "output_layer": {"name": name, "shape": list(weight.shape), "sha256": tensor_sha256(weight)}}
+    fmt, top_k = job.cfg.format, job.cfg.top_k
+    job = replace(job, meta={**job.meta, "hidden_size": model.config.hidden_size, "vocab_size": weight.shape[0],
+                             "top_k": top_k if fmt == "topk" else None,
+                             "output_layer": {"name": name, "shape": list(weight.shape),
+                                              "sha256": tensor_sha256(weight)}})
     rank = shard[0]
     with tqdm(total=len(responses), desc=desc, unit="q", disable=rank > 0) as bar:
         if rank > 0:  # rank 0 merges every process's examples and writes the outputs
-            write_signal(model, responses, fmt, top_k, shard_rows, None, meta, work_dir, shard, sync, bar.update)
+            write_signal(model, responses, job, None, shard, bar.update)
             return None
-        with atomic_path(out_dir) as tmp:
+        with atomic_path(job.out) as tmp:
             tmp.mkdir()
-            manifest = write_signal(model, responses, fmt, top_k, shard_rows, tmp, meta, work_dir, shard, sync,
-                                    bar.update)
-    remove_tree(work_dir)
+            manifest = write_signal(model, responses, job, tmp, shard, bar.update)
+    remove_tree(job.work)
     return manifest, manifest["recompute_max_abs_diff"]
 
 
@@ -248,90 +265,101 @@ class TeacherSignal:
                  transfer_ids: list[int] | None = None):
         self.dir = Path(signal_dir)
         strategy = self.dir.name
-        path = self.dir / MANIFEST
-        rerun = f"re-run `dvc repro logits@{strategy}`"
-
-        def bad(why: str) -> ArtefactError:
-            return ArtefactError(f"{path}: {why}; {rerun}")
-
-        if not path.exists():
-            raise ArtefactError(f"{path}: missing (run `dvc repro logits@{strategy}`)")
-        try:
-            self.manifest = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise bad(f"not valid JSON ({e})") from None
-        m = self.manifest
-        if not isinstance(m, dict) or not isinstance(m.get("examples"), list) or not isinstance(m.get("shards"), list):
-            raise bad("not a teacher-signal manifest (needs `examples` and `shards` lists)")
-        self.fmt = m.get("format")
-        if self.fmt not in FORMAT_KEYS:
-            raise bad(f"format {self.fmt!r} is not one of {', '.join(FORMAT_KEYS)}")
-        if self.fmt != "hidden" and not _is_int(m.get("vocab_size"), 1):
-            raise bad(f"format {self.fmt} needs a positive integer `vocab_size`")
-        for k in ("hidden_size", "top_k"):
-            if m.get(k) is not None and not _is_int(m[k], 1):
-                raise bad(f"`{k}` is {m[k]!r}, not a positive integer")
+        self.path = self.dir / MANIFEST
+        self.rerun = f"re-run `dvc repro logits@{strategy}`"
+        m = self.manifest = self._read_manifest(strategy)
         check_responses(responses, transfer_ids, self.dir.parent.parent / "teacher" / strategy / "responses.jsonl",
                         strategy)
-
-        # the layout: shard i is shard-0000i.safetensors; examples fill shards in order, each starting where the
-        # previous one ended, and the rows of a shard's examples add up to exactly its rows
-        for i, sh in enumerate(m["shards"]):
-            if not (isinstance(sh, dict) and sh.get("file") == f"shard-{i:05d}.safetensors"
-                    and _is_int(sh.get("rows"), 1) and isinstance(sh.get("sha256"), str)
-                    and _HEX64.fullmatch(sh["sha256"])):
-                raise bad(f"shard entry {i} is not {{file: shard-{i:05d}.safetensors, rows: >0, sha256: <hex>}}")
-        for e in m["examples"]:
-            if not (isinstance(e, dict) and _is_int(e.get("id")) and _is_int(e.get("shard")) and _is_int(e.get("rows"))
-                    and _is_int(e.get("offset")) and isinstance(e.get("response_sha256"), str)):
-                raise bad(f"example entry {str(e)[:80]} lacks an integer id/shard/offset/rows or response_sha256")
-        ids = [e["id"] for e in m["examples"]]
-        want = [r["id"] for r in responses]
-        if ids != want:
-            raise bad(f"example ids {ids[:5]}... do not match the teacher responses' ids {want[:5]}... "
-                      "(stale logits?)")
-        for e, r in zip(m["examples"], responses):
-            if e["rows"] != len(r["response_ids"]) or e["response_sha256"] != ids_sha256(r["response_ids"]):
-                raise bad(f"example {e['id']} was computed for a different response "
-                          f"(rows {e['rows']} vs {len(r['response_ids'])} tokens)")
-        shard, offset = 0, 0
-        for e in m["examples"]:
-            if shard < len(m["shards"]) and e["shard"] == shard + 1 and offset == m["shards"][shard]["rows"]:
-                shard, offset = shard + 1, 0
-            if e["shard"] != shard or e["offset"] != offset or shard >= len(m["shards"]):
-                raise bad(f"example {e['id']} is at shard {e['shard']} offset {e['offset']}, but the examples before "
-                          f"it end at shard {shard} offset {offset} (layout edited?)")
-            offset += e["rows"]
-            if offset > m["shards"][shard]["rows"]:
-                raise bad(f"example {e['id']} runs past the end of shard {shard} ({m['shards'][shard]['rows']} rows)")
-        if m["shards"] and (shard != len(m["shards"]) - 1 or offset != m["shards"][-1]["rows"]):
-            raise bad(f"the examples cover {shard + 1} shard(s) up to row {offset}, the manifest lists "
-                      f"{len(m['shards'])} shard(s) of which the last has {m['shards'][-1]['rows']} rows")
-
-        self.weight = None
-        if self.fmt == "hidden":
-            if teacher_dir is None:
-                raise ArtefactError(f"{path}: format `hidden` needs the teacher's output layer")
-            name, w = output_layer(teacher_dir)
-            if tensor_sha256(w) != (m.get("output_layer") or {}).get("sha256"):
-                raise ArtefactError(f"{teacher_dir}: output layer {name} does not match {path} (the teacher "
-                                    f"changed since the logits were computed); {rerun}")
-            if m.get("hidden_size") not in (None, w.shape[1]):
-                raise bad(f"hidden_size {m['hidden_size']} differs from the teacher's output layer {list(w.shape)}")
-            self.weight = w
+        self._check_entries(m, responses)
+        self._check_layout(m)
+        self.weight = self._output_layer(m, teacher_dir) if self.fmt == "hidden" else None
         width = (self.weight.shape[1] if self.fmt == "hidden" else m["vocab_size"] if self.fmt == "full"
                  else min(m["top_k"], m["vocab_size"]) if m.get("top_k") else None)
         for s in m["shards"]:
             f = self.dir / s["file"]
             if not f.is_file():
-                raise ArtefactError(f"{f}: shard missing; {rerun}")
+                raise ArtefactError(f"{f}: shard missing; {self.rerun}")
             digest = sha256_file(f)
             if digest != s["sha256"]:
                 raise ArtefactError(f"{f}: sha256 {digest[:16]}… does not match the manifest's {s['sha256'][:16]}… "
-                                    f"(truncated or altered); {rerun}")
-            self._check_shard(f, s["rows"], width, rerun)
+                                    f"(truncated or altered); {self.rerun}")
+            self._check_shard(f, s["rows"], width, self.rerun)
         self.by_id = {e["id"]: e for e in m["examples"]}
         self._open: dict[int, object] = {}
+
+    def _bad(self, why: str) -> ArtefactError:
+        return ArtefactError(f"{self.path}: {why}; {self.rerun}")
+
+    def _read_manifest(self, strategy: str) -> dict:
+        """The manifest as JSON, with its format and sizes checked (self.fmt)."""
+        if not self.path.exists():
+            raise ArtefactError(f"{self.path}: missing (run `dvc repro logits@{strategy}`)")
+        try:
+            m = json.loads(self.path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise self._bad(f"not valid JSON ({e})") from None
+        if not isinstance(m, dict) or not isinstance(m.get("examples"), list) or not isinstance(m.get("shards"), list):
+            raise self._bad("not a teacher-signal manifest (needs `examples` and `shards` lists)")
+        self.fmt = m.get("format")
+        if self.fmt not in FORMAT_KEYS:
+            raise self._bad(f"format {self.fmt!r} is not one of {', '.join(FORMAT_KEYS)}")
+        if self.fmt != "hidden" and not _is_int(m.get("vocab_size"), 1):
+            raise self._bad(f"format {self.fmt} needs a positive integer `vocab_size`")
+        for k in ("hidden_size", "top_k"):
+            if m.get(k) is not None and not _is_int(m[k], 1):
+                raise self._bad(f"`{k}` is {m[k]!r}, not a positive integer")
+        return m
+
+    def _check_entries(self, m: dict, responses: list[dict]) -> None:
+        """Every shard and example entry well-formed; the examples are the responses' ids, lengths and tokens."""
+        for i, sh in enumerate(m["shards"]):
+            if not (isinstance(sh, dict) and sh.get("file") == f"shard-{i:05d}.safetensors"
+                    and _is_int(sh.get("rows"), 1) and isinstance(sh.get("sha256"), str)
+                    and _HEX64.fullmatch(sh["sha256"])):
+                raise self._bad(f"shard entry {i} is not {{file: shard-{i:05d}.safetensors, rows: >0, sha256: <hex>}}")
+        for e in m["examples"]:
+            if not (isinstance(e, dict) and _is_int(e.get("id")) and _is_int(e.get("shard")) and _is_int(e.get("rows"))
+                    and _is_int(e.get("offset")) and isinstance(e.get("response_sha256"), str)):
+                raise self._bad(f"example entry {str(e)[:80]} lacks an integer id/shard/offset/rows or response_sha256")
+        ids = [e["id"] for e in m["examples"]]
+        want = [r["id"] for r in responses]
+        if ids != want:
+            raise self._bad(f"example ids {ids[:5]}... do not match the teacher responses' ids {want[:5]}... "
+                            "(stale logits?)")
+        for e, r in zip(m["examples"], responses):
+            if e["rows"] != len(r["response_ids"]) or e["response_sha256"] != ids_sha256(r["response_ids"]):
+                raise self._bad(f"example {e['id']} was computed for a different response "
+                                f"(rows {e['rows']} vs {len(r['response_ids'])} tokens)")
+
+    def _check_layout(self, m: dict) -> None:
+        """Shard i is shard-0000i.safetensors; examples fill shards in order, each starting where the previous one
+        ended, and the rows of a shard's examples add up to exactly its rows."""
+        shard, offset = 0, 0
+        for e in m["examples"]:
+            if shard < len(m["shards"]) and e["shard"] == shard + 1 and offset == m["shards"][shard]["rows"]:
+                shard, offset = shard + 1, 0
+            if e["shard"] != shard or e["offset"] != offset or shard >= len(m["shards"]):
+                raise self._bad(f"example {e['id']} is at shard {e['shard']} offset {e['offset']}, but the examples "
+                                f"before it end at shard {shard} offset {offset} (layout edited?)")
+            offset += e["rows"]
+            if offset > m["shards"][shard]["rows"]:
+                raise self._bad(f"example {e['id']} runs past the end of shard {shard} "
+                                f"({m['shards'][shard]['rows']} rows)")
+        if m["shards"] and (shard != len(m["shards"]) - 1 or offset != m["shards"][-1]["rows"]):
+            raise self._bad(f"the examples cover {shard + 1} shard(s) up to row {offset}, the manifest lists "
+                            f"{len(m['shards'])} shard(s) of which the last has {m['shards'][-1]['rows']} rows")
+
+    def _output_layer(self, m: dict, teacher_dir: str | Path | None) -> torch.Tensor:
+        """Format `hidden`: the teacher's output layer, the one the manifest was computed with."""
+        if teacher_dir is None:
+            raise ArtefactError(f"{self.path}: format `hidden` needs the teacher's output layer")
+        name, w = output_layer(teacher_dir)
+        if tensor_sha256(w) != (m.get("output_layer") or {}).get("sha256"):
+            raise ArtefactError(f"{teacher_dir}: output layer {name} does not match {self.path} (the teacher "
+                                f"changed since the logits were computed); {self.rerun}")
+        if m.get("hidden_size") not in (None, w.shape[1]):
+            raise self._bad(f"hidden_size {m['hidden_size']} differs from the teacher's output layer {list(w.shape)}")
+        return w
 
     def _check_shard(self, f: Path, rows: int, width: int | str | None, rerun: str) -> None:
         """Tensor names and shapes from the shard's header: exactly this format's tensors, `rows` rows each."""

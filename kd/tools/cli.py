@@ -56,12 +56,12 @@ def profile(name, force):
 @click.option("--params", "path", default="params.yaml", show_default=True)
 def validate(path):
     """Check every key of a params file; exit 2 naming the first bad key."""
-    from kd.config.params import load_params
+    from kd.config.params import load_config
     from kd.data.prompting import check_context
 
-    p = load_params(path)
-    check_context(p, Path.cwd(), current_only=True)  # where models/<role> exist: does the shortest prompt fit their context?
-    click.echo(f"{path}: ok (profile {p['profile']}, strategies {', '.join(p['prompting']['strategies'])})")
+    c = load_config(path)
+    check_context(c, Path.cwd(), current_only=True)  # where models/<role> exist: does the shortest prompt fit their context?
+    click.echo(f"{path}: ok (profile {c.profile}, strategies {', '.join(c.prompting.strategies)})")
 
 
 @cli.command()

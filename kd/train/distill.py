@@ -175,10 +175,14 @@ def example_loss(model, ex: Example, teacher_logits: Callable[[int, int], torch.
 
 class Checkpoint:
     """Trainable (LoRA) weights + optimizer state + RNG + step + logged history, as safetensors.
-    Written atomically every `every` steps; a resumed run continues to the same bits as an unbroken one."""
+    Written atomically every `every` steps (distill.checkpoint_every; None: never, for kd tune / kd select's short
+    throw-away runs); a resumed run continues to the same bits as an unbroken one."""
 
-    def __init__(self, path: Path, fingerprint: str):
-        self.path, self.fingerprint = Path(path), fingerprint
+    def __init__(self, path: Path, fingerprint: str, every: int | None = None):
+        self.path, self.fingerprint, self.every = Path(path), fingerprint, every
+
+    def due(self, step: int, total: int) -> bool:
+        return self.every is not None and step % self.every == 0 and step < total
 
     def save(self, model, optimizer, step: int, history: list[dict], write: bool = True) -> None:
         """Full tensors (FSDP shards gathered: every process calls this, `write` on one)."""
@@ -229,9 +233,18 @@ class Checkpoint:
         return int(meta["step"]), json.loads(meta["history"])
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """What the training loop needs from a run's settings: distill.* (`cfg`: optimizer, lr, epochs, batch, loss,
+    hard target, ...), the loss weights alpha and T, and the seed (kd.train.run.StudentRun.recipe)."""
+    cfg: dict
+    alpha: float
+    temperature: float
+    seed: int
+
+
 def train(model, examples: list[Example], teacher_for: Callable[[int], Callable[[int, int], torch.Tensor]],
-          cfg: dict, alpha: float, temperature: float, seed: int, checkpoint: Checkpoint,
-          checkpoint_every: int, on_step: Callable[[int, dict], None] | None = None,
+          recipe: Recipe, checkpoint: Checkpoint, on_step: Callable[[int, dict], None] | None = None, *,
           width: int | None = None, shard: tuple[int, int] = (0, 1)) -> list[dict]:
     """Run the whole schedule; returns the per-step history [{step, epoch, loss, ce, kd, lr}].
 
@@ -241,6 +254,7 @@ def train(model, examples: list[Example], teacher_for: Callable[[int], Callable[
     which examples are trained on, in which step and order, never depends on N. Each forward pass's dropout is
     seeded from (seed, epoch, id, pass) (`pass_seed`), so it depends neither on which process ran it nor on whether
     the run has a teacher (the fine-tune control draws the KD arm's masks for its gold pass)."""
+    cfg, alpha, temperature, seed = recipe.cfg, recipe.alpha, recipe.temperature, recipe.seed
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg)
     batch = cfg["batch_size"]
@@ -293,7 +307,7 @@ def train(model, examples: list[Example], teacher_for: Callable[[int], Callable[
             history.append(rec)
             if on_step:
                 on_step(step, rec)
-            if step % checkpoint_every == 0 and step < total and (rank == 0 or sharded):
+            if checkpoint.due(step, total) and (rank == 0 or sharded):
                 checkpoint.save(model, opt, step, history, write=rank == 0)  # FSDP: every process gathers
     model.eval()
     return history

@@ -15,7 +15,7 @@ from typing import Callable
 from kd.config.arms import adapter_name, run_name, trained_by
 from kd.core.errors import KdError
 from kd.core.io import atomic_path, remove_tree, sha256_file, write_json
-from kd.train.distill import Checkpoint, Example, summarise, train
+from kd.train.distill import Checkpoint, Example, Recipe, summarise, train
 from kd.train.sharding import trainable_state
 
 
@@ -100,12 +100,14 @@ class StudentRun:
     def validation(self, tokenizer) -> Callable[[object], float] | None:
         return validation(self.root, tokenizer, self.instruction, self.cfg["max_length"])
 
+    @property
+    def recipe(self) -> Recipe:
+        return Recipe(self.cfg, self.alpha, self.temperature, self.seed)
+
     def train(self, model, examples: list[Example], teacher_for, checkpoint: Checkpoint, on_step=None,
-              width: int | None = None, shard: tuple[int, int] = (0, 1), checkpoint_every: int | None = None):
+              width: int | None = None, shard: tuple[int, int] = (0, 1)):
         """The training loop (kd.train.distill.train) with these settings; returns the per-step history."""
-        every = self.cfg["checkpoint_every"] if checkpoint_every is None else checkpoint_every
-        return train(model, examples, teacher_for, self.cfg, self.alpha, self.temperature, self.seed, checkpoint,
-                     every, on_step, width=width, shard=shard)
+        return train(model, examples, teacher_for, self.recipe, checkpoint, on_step, width=width, shard=shard)
 
 
 def validation(root: str | Path, tokenizer, instruction: str, max_length: int) -> Callable[[object], float] | None:
@@ -163,7 +165,7 @@ def run_training(run: StudentRun, arm: str, model, examples: list[Example],
         raise KdError(f"{name}: no training examples (all skipped or filtered out; see distill.max_length and "
                       "distill.response_filter)")
     t0 = time.time()
-    checkpoint = Checkpoint(work_dir / "checkpoint.safetensors", run_fingerprint)
+    checkpoint = Checkpoint(work_dir / "checkpoint.safetensors", run_fingerprint, cfg["checkpoint_every"])
     if shard[0] > 0:  # another process of a launch (kd/core/launch.py): trains its share, rank 0 writes everything
         run.train(model, examples, teacher_for, checkpoint, width=width, shard=shard)
         trainable_state(model)  # compute.sharding fsdp: its part of gathering the adapter

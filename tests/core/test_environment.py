@@ -116,16 +116,18 @@ def test_the_cause_bf16_matmul_bits_depend_on_the_onednn_isa_float32_do_not(tmp_
 
 
 def _recorded_name(script: Path, arg: str | None) -> str | None:
-    """The stage name a stage script passes to record_environment, with its one command-line argument filled in."""
+    """The environment file a stage script's frame records (kd.harness.stage.Stage.finish): <name>[-<arg>] from its
+    `Stage(name, arg)`, None when it never calls `finish` or calls it with environment=False."""
     import ast
 
+    name, records = None, False
     for node in ast.walk(ast.parse(script.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "record_environment":
-            a = node.args[0]
-            if isinstance(a, ast.Constant):
-                return a.value
-            return "".join(v.value if isinstance(v, ast.Constant) else arg for v in a.values)
-    return None
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Stage":
+            name = node.args[0].value + (f"-{arg}" if len(node.args) > 1 else "")
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "finish":
+            records = not any(k.arg == "environment" and isinstance(k.value, ast.Constant) and k.value.value is False
+                              for k in node.keywords)
+    return name if records else None
 
 
 def test_every_stage_that_loads_a_model_records_its_environment():

@@ -10,6 +10,7 @@ import pytest
 import torch
 from lm_eval.api.model import LM
 
+from kd.config.params import parse
 from kd.config.profiles import load as load_profile
 from kd.core.errors import ArtefactError, KdError, ParamError
 from kd.data.answers import parse_gold, score
@@ -114,7 +115,7 @@ def _read(path):
 @pytest.mark.slow  # lm-eval end to end on tiny models
 def test_student_end_to_end_matches_plain_transformers(root):
     p = _params(batch_size=1)  # batch 1: bit-for-bit the same computation as the reference
-    s = ev.evaluate_model("student", p, root=root, device="cpu")
+    s = ev.evaluate_model("student", parse(p), root=root, device="cpu")
     metrics_path = root / "results" / "eval" / "student.json"
     samples_path = root / "reports" / "eval" / "student" / "samples.jsonl"
     metrics = json.loads(metrics_path.read_text())
@@ -157,7 +158,7 @@ def test_student_end_to_end_matches_plain_transformers(root):
 
     # byte-stable, no absolute paths
     before = metrics_path.read_bytes(), samples_path.read_bytes(), questions_path.read_bytes()
-    ev.evaluate_model("student", p, root=root, device="cpu")
+    ev.evaluate_model("student", parse(p), root=root, device="cpu")
     assert (metrics_path.read_bytes(), samples_path.read_bytes(), questions_path.read_bytes()) == before
     for b in before:
         assert str(root).encode() not in b and b"/tmp" not in b
@@ -165,7 +166,7 @@ def test_student_end_to_end_matches_plain_transformers(root):
 
 @pytest.mark.slow  # lm-eval end to end on tiny models
 def test_limit_and_teacher(root):
-    s = ev.evaluate_model("teacher", _params(limit=3), root=root, device="cpu")
+    s = ev.evaluate_model("teacher", parse(_params(limit=3)), root=root, device="cpu")
     rows = _read(root / "reports" / "eval" / "teacher" / "samples.jsonl")
     assert s["items"] == 3
     # limit takes the first N rows of the prepared split (file order), reported sorted by id
@@ -175,7 +176,7 @@ def test_limit_and_teacher(root):
 @pytest.mark.slow  # lm-eval end to end on tiny models
 def test_kd_adapter_goes_through_peft(root):
     p = _params(batch_size=1)
-    ev.evaluate_model("kd-none", p, root=root, device="cpu")
+    ev.evaluate_model("kd-none", parse(p), root=root, device="cpu")
     rows = _read(root / "reports" / "eval" / "kd-none" / "samples.jsonl")
     student = _read(root / "reports" / "eval" / "student" / "samples.jsonl")
     assert len(rows) == 4 and json.loads((root / "results" / "eval" / "kd-none.json").read_text())["n"] == 4
@@ -221,7 +222,7 @@ def test_rows_stop_at_im_end_in_a_mixed_batch(tmp_path):
     p["student"]["dtype"] = "float32"
     prompts = [render_question(r["question"], p["prompting"]["instruction"]) for r in _eval_rows()]
     ref = _stopping_model(root / "models" / "student", prompts)
-    ev.evaluate_model("student", p, root=root, device="cpu")
+    ev.evaluate_model("student", parse(p), root=root, device="cpu")
     rows = {r["prompt"]: r for r in _read(root / "reports" / "eval" / "student" / "samples.jsonl")}
     assert [(rows[q]["response"], rows[q]["response_tokens"]) for q in prompts] == ref
 
@@ -292,7 +293,7 @@ def test_scoring_known_responses_through_lm_eval(tmp_path, monkeypatch):
     lm = ReplayLM(responses)
     _replay(monkeypatch, lm)
     p = _params()
-    s = ev.evaluate_model("student", p, root=tmp_path)
+    s = ev.evaluate_model("student", parse(p), root=tmp_path)
     rows = _read(tmp_path / "reports" / "eval" / "student" / "samples.jsonl")
     assert [r["id"] for r in rows] == [k[0] for k in KNOWN]
     for r, (i, gold, resp, preds, correct) in zip(rows, KNOWN):
@@ -342,30 +343,30 @@ def test_cross_check_fails_loudly(tmp_path):
 
 def test_resolve_model():
     p = _params()
-    t = ev.resolve_model("teacher", p, "m")
+    t = ev.resolve_model("teacher", parse(p), "m")
     assert (t.pretrained, t.peft, t.dtype, t.trust_remote_code) == (Path("m/teacher"), None, "bfloat16", False)
-    k = ev.resolve_model("kd-teacher", p, "m")
+    k = ev.resolve_model("kd-teacher", parse(p), "m")
     assert (k.pretrained, k.peft) == (Path("m/student"), Path("m/kd-teacher"))
-    c = ev.resolve_model("student_cot", p, "m")
+    c = ev.resolve_model("student_cot", parse(p), "m")
     assert (c.pretrained, c.peft, c.prompt) == (Path("m/student"), None, "cot")
-    f = ev.resolve_model("finetune", p, "m")
+    f = ev.resolve_model("finetune", parse(p), "m")
     assert (f.pretrained, f.peft, f.prompt) == (Path("m/student"), Path("m/finetune"), "task")
     with pytest.raises(ParamError, match=r"arm.*allowed: teacher, student, student_cot, finetune, kd-none, kd-teacher"):
-        ev.resolve_model("kd-bogus", p)
+        ev.resolve_model("kd-bogus", parse(p))
     with pytest.raises(ParamError, match="not an arm"):
-        ev.resolve_model("gpt", p)
+        ev.resolve_model("gpt", parse(p))
 
 
 def test_missing_inputs_are_kd_errors(tmp_path, root):
     p = _params()
     with pytest.raises(ArtefactError, match="eval.jsonl"):
-        ev.evaluate_model("student", p, root=tmp_path)
+        ev.evaluate_model("student", parse(p), root=tmp_path)
     _write_eval(tmp_path, _eval_rows())
     with pytest.raises(ArtefactError, match="not a model folder"):
-        ev.evaluate_model("student", p, root=tmp_path)
+        ev.evaluate_model("student", parse(p), root=tmp_path)
     (tmp_path / "models").symlink_to(root / "models")
     with pytest.raises(ArtefactError, match="adapter"):
-        ev.check_model_files(ev.resolve_model("kd-teacher", p, tmp_path / "models"))
+        ev.check_model_files(ev.resolve_model("kd-teacher", parse(p), tmp_path / "models"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": 1, "question": "q", "gold": "1"}\n{"id": 1, "question": "q", "gold": "2"}\n')
     with pytest.raises(ArtefactError, match="duplicate id 1"):
@@ -382,9 +383,9 @@ def _stage():
 def test_stage_rejects_bad_model_before_loading(monkeypatch):
     from click.testing import CliRunner
 
-    import kd.config.params
+    import kd.harness.stage
 
-    monkeypatch.setattr(kd.config.params, "load_params", lambda *a, **k: _params())
+    monkeypatch.setattr(kd.harness.stage, "load_config", lambda *a, **k: parse(_params()))
     called = []
     monkeypatch.setattr(ev, "evaluate_model", lambda *a, **k: called.append(a))
     res = CliRunner().invoke(_stage().main, ["nope"])
@@ -395,15 +396,15 @@ def test_stage_rejects_bad_model_before_loading(monkeypatch):
 def test_stage_prints_summary(monkeypatch, tmp_path):
     from click.testing import CliRunner
 
-    import kd.config.params
+    import kd.harness.stage
 
     responses = _known_root(tmp_path)
-    monkeypatch.setattr(kd.config.params, "load_params", lambda *a, **k: _params())
+    monkeypatch.setattr(kd.harness.stage, "load_config", lambda *a, **k: parse(_params()))
     _replay(monkeypatch, ReplayLM(responses))
     monkeypatch.chdir(tmp_path)
     res = CliRunner().invoke(_stage().main, ["teacher"])
     assert res.exit_code == 0, res.output
-    assert re.search(r"^eval@teacher: 7 items, \d+ tokens, [\d.]+ s; accuracy strict 0\.429", res.stdout, re.M)
+    assert re.search(r"^eval@teacher: 7 items, \d+ tokens; accuracy strict 0\.429.* \([\d.]+ s\)$", res.stdout, re.M)
     assert (tmp_path / "results" / "eval" / "teacher.json").exists()
 
 
@@ -441,7 +442,7 @@ def test_evaluated_student_is_the_trained_one(tmp_path):
     save_adapter(model, models / "kd-none")
 
     p = _params()
-    lm = ev._make_lm(ev.resolve_model("kd-none", p, models), batch_size=1, device="cpu")
+    lm = ev._make_lm(ev.resolve_model("kd-none", parse(p), models), batch_size=1, device="cpu")
     with torch.no_grad():
         evaluated = lm.model(input_ids=x).logits
     assert torch.equal(evaluated, trained)
@@ -474,7 +475,7 @@ def test_our_eval_equals_the_lm_eval_command_line(tmp_path):
     _write_eval(root, rows)
     p = _params(batch_size=1)
     p["student"]["dtype"] = "float32"
-    ev.evaluate_model("student", p, root=root, device="cpu")
+    ev.evaluate_model("student", parse(p), root=root, device="cpu")
     ours = {r["id"]: r for r in _read(root / "reports" / "eval" / "student" / "samples.jsonl")}
 
     task_dir = ev.write_task_dir(ev.build_docs(rows, p["prompting"]["instruction"]), tmp_path / "task", MAX_NEW)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from kd.config.params import parse
 from kd.config.profiles import load as load_profile
 from kd.core.errors import ArtefactError, KdError
 from kd.eval.stats import wilson_interval
@@ -121,7 +122,7 @@ def ref_mcnemar(b: int, c: int) -> float:
 @pytest.fixture()
 def built(tmp_path, params):
     corr = fabricate(tmp_path, params)
-    m = write_report(params, attention_fixture(params), tmp_path)
+    m = write_report(parse(params), attention_fixture(params), tmp_path)
     return tmp_path, corr, m
 
 
@@ -250,7 +251,7 @@ def test_no_winner_from_a_tie(tmp_path, params):
     for arm in trained(params):  # every trained arm answers exactly like the base student
         (tmp_path / "results/eval" / f"{arm}.jsonl").write_bytes(base)
         (tmp_path / "results/eval" / f"{arm}.json").write_bytes((tmp_path / "results/eval/student.json").read_bytes())
-    m = write_report(params, [], tmp_path)
+    m = write_report(parse(params), [], tmp_path)
     md = (tmp_path / "reports/index.md").read_text()
     assert m["best_arm"] is None
     assert "no arm differs detectably from student" in md and "No best arm is named" in md
@@ -279,7 +280,7 @@ def test_winner_only_when_significant_on_the_primary_metric(tmp_path, params):
     assert params["report"]["primary_metric"] == "strict"  # the default: lm-eval's strict-match
     gained = _make_better(tmp_path, params, "kd-teacher", "strict")
     assert gained >= 7  # 0/7 discordant one way: p = 2/128 < 0.05 / 3 arms (Holm)
-    m = write_report(params, [], tmp_path)
+    m = write_report(parse(params), [], tmp_path)
     md = (tmp_path / "reports/index.md").read_text()
     assert m["best_arm"] == "kd-teacher" and "Best arm: **kd-teacher**" in md
     # it is also the only significant arm of the other two families (vs kd-none, vs finetune)
@@ -287,10 +288,10 @@ def test_winner_only_when_significant_on_the_primary_metric(tmp_path, params):
     # the same gain on the other metric names no best arm: the conclusion uses the primary metric only
     fabricate(tmp_path, params)
     _make_better(tmp_path, params, "kd-teacher", "flexible")
-    m = write_report(params, [], tmp_path)
+    m = write_report(parse(params), [], tmp_path)
     assert m["best_arm"] is None and "No best arm is named" in (tmp_path / "reports/index.md").read_text()
     flex = {**params, "report": {**params["report"], "primary_metric": "flexible"}}
-    m = write_report(flex, [], tmp_path)
+    m = write_report(parse(flex), [], tmp_path)
     md = (tmp_path / "reports/index.md").read_text()
     assert m["best_arm"] == "kd-teacher" and "**flexible** accuracy (`report.primary_metric`)" in md
 
@@ -314,7 +315,7 @@ def test_paper_comparison_is_read_first(built, params):
 def test_without_none_the_paper_comparison_says_why(tmp_path, params):
     p = {**params, "prompting": {**params["prompting"], "strategies": ["teacher"]}}
     fabricate(tmp_path, p)
-    m = write_report(p, [], tmp_path)
+    m = write_report(parse(p), [], tmp_path)
     md = (tmp_path / "reports/index.md").read_text()
     assert "`none` is not among prompting.strategies" in md
     assert not [r for r in m["headline"] if r.startswith("metrics/compare/priming/")]
@@ -327,7 +328,7 @@ def test_without_none_the_paper_comparison_says_why(tmp_path, params):
 def test_stale_compare_rows_removed(built, params):
     root, _, _ = built
     p = {**params, "prompting": {**params["prompting"], "strategies": ["teacher"]}}
-    write_report(p, [], root)
+    write_report(parse(p), [], root)
     assert not list((root / "metrics/compare/priming").glob("*.json"))
     assert not (root / "metrics/compare/training/kd-none.json").exists()
 
@@ -339,7 +340,7 @@ def test_training_effect_table(tmp_path, params):
     path = tmp_path / "results/distill/teacher.json"
     d = json.loads(path.read_text())
     path.write_text(json.dumps({**d, "update_norm_ratio": 0.000234, "val_nll_before": 1.5, "val_nll_after": 1.25}))
-    write_report(params, [], tmp_path)
+    write_report(parse(params), [], tmp_path)
     md = (tmp_path / "reports/index.md").read_text()
     assert "## Did training move the student?" in md
     assert "| kd-teacher | 2.34e-04 | 1.5000 | 1.2500 | -0.2500 |" in md
@@ -355,13 +356,13 @@ def test_mixed_environment_named_in_words(tmp_path, params):
             "python": "3.11", "packages": {k: "1" for k in ("torch", "transformers", "peft", "lm_eval")},
             "torch": {"cpu_capability": "AVX2", "threads": 2, "onednn_version": None, "mkl_version": None},
             "env_vars": {}})
-    write_report(params, [], tmp_path)
+    write_report(parse(params), [], tmp_path)
     md = (tmp_path / "reports/index.md").read_text()
     concl = md.split("## Conclusion", 1)[1].split("\n## ", 1)[0]
     assert "ran in 2 different environments" in concl and "`mixed`" in concl
     assert "`aaaaaaaaaaaa`: distill-none, eval-student" in concl and "`bbbbbbbbbbbb`: eval-finetune" in concl
     (tmp_path / "environment/eval-finetune.json").unlink()
-    write_report(params, [], tmp_path)
+    write_report(parse(params), [], tmp_path)
     assert "different environments" not in (tmp_path / "reports/index.md").read_text()
 
 
@@ -399,14 +400,14 @@ def test_byte_identical_rerun_and_fresh_process(built, params, tmp_path_factory)
     first = {rel: (root / rel).read_bytes() for rel in OUTPUTS}
     assert first["reports/plots/accuracy.png"][:8] == b"\x89PNG\r\n\x1a\n"
     assert b"Software" not in first["reports/plots/accuracy.png"]
-    write_report(params, attention_fixture(params), root)
+    write_report(parse(params), attention_fixture(params), root)
     assert {rel: (root / rel).read_bytes() for rel in OUTPUTS} == first
     # a fresh interpreter (fresh matplotlib state, different hash seed) writes the same bytes elsewhere
     other = tmp_path_factory.mktemp("fresh")
     fabricate(other, params)
     (other / "in.json").write_text(json.dumps({"params": params, "attention": attention_fixture(params)}))
-    code = ("import json,sys; from kd.report.page import write_report; d=json.load(open(sys.argv[1]+'/in.json'));"
-            "write_report(d['params'], d['attention'], sys.argv[1])")
+    code = ("import json,sys; from kd.config.params import parse; from kd.report.page import write_report; "
+            "d=json.load(open(sys.argv[1]+'/in.json')); write_report(parse(d['params']), d['attention'], sys.argv[1])")
     subprocess.run([sys.executable, "-c", code, str(other)], check=True, cwd=REPO,
                    env={"PYTHONHASHSEED": "123", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO),
                         "MPLCONFIGDIR": str(other / ".mpl")})
@@ -418,7 +419,7 @@ def test_missing_model_names_the_file(tmp_path, params):
     fabricate(tmp_path, params)
     (tmp_path / "results/eval/kd-teacher.json").unlink()
     with pytest.raises(KdError, match=r"results/eval/kd-teacher\.json: missing"):
-        write_report(params, [], tmp_path)
+        write_report(parse(params), [], tmp_path)
     assert not (tmp_path / "reports/index.md").exists() and not (tmp_path / "metrics").exists()
 
 
@@ -426,11 +427,11 @@ def test_missing_questions_and_distill_name_the_file(tmp_path, params):
     fabricate(tmp_path, params)
     (tmp_path / "results/eval/kd-none.jsonl").unlink()
     with pytest.raises(ArtefactError, match=r"results/eval/kd-none\.jsonl: missing"):
-        write_report(params, [], tmp_path)
+        write_report(parse(params), [], tmp_path)
     fabricate(tmp_path, params)
     (tmp_path / "results/distill/teacher.json").unlink()
     with pytest.raises(ArtefactError, match=r"results/distill/teacher\.json"):
-        write_report(params, [], tmp_path)
+        write_report(parse(params), [], tmp_path)
 
 
 def test_inconsistent_inputs_rejected(tmp_path, params):
@@ -440,25 +441,25 @@ def test_inconsistent_inputs_rejected(tmp_path, params):
     d["correct_strict"] += 1  # stale metrics next to newer samples
     path.write_text(json.dumps(d))
     with pytest.raises(ArtefactError, match="correct_strict"):
-        write_report(params, [], tmp_path)
+        write_report(parse(params), [], tmp_path)
     fabricate(tmp_path, params)
     d = json.loads(path.read_text())
     del d["ci95_flexible_high"]
     path.write_text(json.dumps(d))
     with pytest.raises(ArtefactError, match="ci95_flexible_high"):
-        write_report(params, [], tmp_path)
+        write_report(parse(params), [], tmp_path)
     fabricate(tmp_path, params)
     s = tmp_path / "results/eval/kd-none.jsonl"
     rows = [json.loads(x) for x in s.read_text().splitlines()]
     rows[0]["id"] = 999  # evaluated on a different question than the student
     s.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ArtefactError, match="different questions"):
-        write_report(params, [], tmp_path)
+        write_report(parse(params), [], tmp_path)
 
 
 def test_no_attention_rows(tmp_path, params):
     fabricate(tmp_path, params)
-    m = write_report(params, [], tmp_path)
+    m = write_report(parse(params), [], tmp_path)
     assert not (tmp_path / "reports/plots/attention.png").exists()
     assert json.loads((tmp_path / "reports/attention.json").read_text()) == []
     assert "## Attention" not in (tmp_path / "reports/index.md").read_text()

@@ -12,7 +12,7 @@ import torch
 
 from kd.core.errors import ArtefactError
 from kd.data.prompting import load_strategies
-from kd.teacher.responses import run_generation
+from kd.teacher.responses import Generation, run_generation
 from kd.teacher.signal import SignalWriter, TeacherSignal, capture, tensor_sha256
 from kd.train.distill import build_examples, example_loss
 
@@ -44,7 +44,7 @@ def pipeline(context_free, tmp_path_factory):
              "answer": f"#### {2 * i + 3}", "gold": str(2 * i + 3)} for i in (10, 2, 1)]  # "10" < "2" as strings
     template = load_strategies("strategies.yaml")["teacher"]
     work = tmp_path_factory.mktemp("work")
-    responses = run_generation(model, tok, rows, template, INSTRUCTION, 12, 2, work, "fp")
+    responses = run_generation(model, tok, rows, Generation(template, INSTRUCTION, 12, 2, work, "fp"))
     for k, r in enumerate(responses):  # distinct lengths per id, so any mis-pairing changes shapes
         r["response_ids"] = r["response_ids"][: 6 + 2 * k]
     out = tmp_path_factory.mktemp("signal")

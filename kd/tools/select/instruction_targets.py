@@ -69,7 +69,7 @@ def select_instruction(p: dict, root: Path, strategies: list[str] | None = None,
     from kd.data.answers import score
     from kd.data.prompting import load_strategies
     from kd.models.loading import load_model, load_tokenizer
-    from kd.teacher.responses import run_generation
+    from kd.teacher.responses import Generation, run_generation
 
     rows = read_jsonl(root / "data/prepared/validation.jsonl")
     if not rows:
@@ -97,9 +97,9 @@ def select_instruction(p: dict, root: Path, strategies: list[str] | None = None,
         model = load_model(root / "models/teacher", t["dtype"], t["trust_remote_code"], quantization=t["quantization"])
     for name, s in todo:
         with tempfile.TemporaryDirectory(prefix="kd-select-") as work:
-            out = run_generation(model, tok, rows, templates[s], INSTRUCTIONS[name], t["max_new_tokens"],
-                                 t["batch_size"], Path(work), fingerprint=f"select:{name}:{s}",
-                                 invariant=p["compute"]["decode"] == "invariant")
+            out = run_generation(model, tok, rows, Generation(
+                templates[s], INSTRUCTIONS[name], t["max_new_tokens"], t["batch_size"], Path(work),
+                fingerprint=f"select:{name}:{s}", invariant=p["compute"]["decode"] == "invariant"))
         n = len(out)
         results[(name, s)] = {"strict": sum(r["correct_strict"] for r in out) / n,
                               "flexible": sum(score(r["response"], r["gold"])["correct_flexible"] for r in out) / n,
@@ -152,7 +152,7 @@ def select_targets(p: dict, root: Path, strategy: str, echo: Callable[[str], Non
         if examples:
             with tempfile.TemporaryDirectory(prefix="kd-select-") as work:
                 candidate.train(model, examples, inputs.teacher_for, Checkpoint(Path(work) / "ckpt.safetensors",
-                                "select"), width=inputs.vocab["kd_width"], checkpoint_every=10**9)
+                                "select"), width=inputs.vocab["kd_width"])
         nll[(hard, filt)] = gold_nll(model, tok, rows, instruction, cfg["max_length"])
         echo(f"select targets {hard}/{filt}: {len(examples)} examples, validation gold NLL "
              f"{sum(nll[(hard, filt)]) / len(nll[(hard, filt)]):.4f}")

@@ -56,7 +56,7 @@ def select_recipe(p: dict, root: Path, strategy: str, echo: Callable[[str], None
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="kd-select-") as work:
             candidate.train(model, examples, inputs.teacher_for, Checkpoint(Path(work) / "ckpt.safetensors", "select"),
-                            width=inputs.vocab["kd_width"], checkpoint_every=10**9)
+                            width=inputs.vocab["kd_width"])
         seconds = time.perf_counter() - t0
         nll = gold_nll(model, inputs.tokenizer, rows, instruction, base["max_length"])
         out = {"optimizer": optimizer, "lr": lr, "epochs": epochs, "nll": nll, "mean_nll": sum(nll) / len(nll),

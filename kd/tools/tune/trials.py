@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+from kd.config.params import parse
 from kd.core.errors import KdError
 from kd.core.io import read_jsonl
 from kd.tools.tune.results import objective_label
@@ -55,7 +56,7 @@ class Trials:
             raise KdError("prepare.validation_size is 0: nothing to tune on (raise it and `dvc repro prepare`)")
         self.inputs = load_kd_inputs(self.root, t["strategy"], s["trust_remote_code"])
         self.vocab, self.tok = self.inputs.vocab, self.inputs.tokenizer
-        check_context(p, self.root, {"student": self.tok}, uses=("distill",))  # as distill@*: before any weights
+        check_context(parse(p), self.root, {"student": self.tok}, uses=("distill",))  # as distill@*: before any weights
         _, self.examples, _ = self.inputs.examples(d["response_filter"], p["prompting"]["instruction"],
                                                    d["max_length"], d["hard_target"])
         if not self.examples:
@@ -95,15 +96,15 @@ class Trials:
         save_adapter(model, work / "adapter")
         spec = ModelSpec("kd-tune", self.root / "models/student", work / "adapter", s["dtype"],
                          s["trust_remote_code"], "task", s["quantization"])
-        _, m = evaluate_docs(spec, self.val_rows, {**self.p, "eval": {**self.p["eval"], "limit": None}})
+        _, m = evaluate_docs(spec, self.val_rows, parse({**self.p, "eval": {**self.p["eval"], "limit": None}}))
         return m
 
     def train(self, model, values: dict, on_step: Callable[[int, dict], None], work: Path) -> None:
         from kd.train.distill import Checkpoint
 
-        checkpoint = Checkpoint(work / "ckpt.safetensors", "tune")
+        checkpoint = Checkpoint(work / "ckpt.safetensors", "tune")  # never written: a trial is not resumed
         self.run(values).train(model, self.examples, self.inputs.teacher_for, checkpoint, on_step,
-                               width=self.vocab["kd_width"], checkpoint_every=10**9)
+                               width=self.vocab["kd_width"])
 
     def calibrate(self) -> dict:
         """Seconds for one training step and one validation NLL pass (for the expected wall time)."""
