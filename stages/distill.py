@@ -19,7 +19,7 @@ from kd.train.run import StudentRun, fingerprint, run_training, weights_digest
 def main(strategy):
     st = Stage("distill", strategy)
     c = st.c
-    run = StudentRun.of(c.model_dump())
+    run = StudentRun.of(c)
     cfg = c.distill
     # compute.processes > 1: accelerate launch; ddp: at most one process per example of an optimizer step, fsdp: all
     # of them (they hold the student's shards), kd/train/sharding.py

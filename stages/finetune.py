@@ -20,13 +20,13 @@ from kd.train.run import StudentRun, fingerprint, run_training, weights_digest
 @click.command()
 def main():
     st = Stage("finetune")
-    run = StudentRun.of(st.c.model_dump(), control=True)
+    run = StudentRun.of(st.c, control=True)
     questions = read_jsonl("data/prepared/transfer.jsonl")
     run_fp = fingerprint("finetune", run.cfg, run.alpha, run.seed, run.instruction, [q["id"] for q in questions],
                          weights_digest("models/student"))
     st.seed()
-    tok = load_tokenizer("models/student", run.student["trust_remote_code"])
-    examples, skipped = build_gold_examples(questions, tok, run.instruction, run.cfg["max_length"])
+    tok = load_tokenizer("models/student", run.student.trust_remote_code)
+    examples, skipped = build_gold_examples(questions, tok, run.instruction, run.cfg.max_length)
     model = run.model()
     # no teacher: the loss is alpha * CE on the gold solutions (the KD arms' CE term, at the KD arms' weight)
     run_training(run, "finetune", model, examples, lambda i: None, run_fp,

@@ -7,7 +7,7 @@ the stages that use the changed key. It is `persist: true`, so DVC never deletes
 
 import click
 
-from kd.config.params import load_params
+from kd.config.params import load_config
 from kd.core.entry import run_stage
 from kd.core.guard import VALIDATED, check_layout
 from kd.core.io import write_text
@@ -18,7 +18,7 @@ TEXT = ("params.yaml and the prompting file passed kd-prime's checks (stages/val
 
 @click.command()
 def main():
-    load_params("params.yaml")
+    load_config("params.yaml")
     check_layout(".")
     if not VALIDATED.is_file() or VALIDATED.is_symlink() or VALIDATED.read_text(encoding="utf-8") != TEXT:
         write_text(VALIDATED, TEXT)

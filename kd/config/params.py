@@ -407,7 +407,7 @@ def config(data: Any, root: str | Path = ".") -> Params:
                 raise ParamError("compute.portable", f"is true, which needs {role}.dtype float32, not "
                                  f"{m.dtype} (bf16 matmul kernels round differently on different CPUs; "
                                  "docs/reproducibility.md)", "false, or true with float32 teacher and student dtypes")
-    check_qlora(c.model_dump())
+    check_qlora(c)
     if c.compute.sharding == "fsdp" and (c.student.quantization or c.distill.optimizer != "sgd"):
         # sgd only: the one optimiser tests/train/test_sharding.py runs sharded (AdamW over DTensors is untested here)
         raise ParamError("compute.sharding", f"is fsdp, which kd/train/sharding.py runs with a full-precision student and "
@@ -433,11 +433,8 @@ def read_yaml(path: str | Path) -> Any:
     return strict(path, "create one with `kd profile tiny`")
 
 
-def load_params(path: str | Path = "params.yaml", root: str | Path = ".") -> dict:
-    """Paths inside params (prompting.file, jsonl sources, local models) are relative to the project root."""
-    return validate(read_yaml(path), root=root)
-
-
 def load_config(path: str | Path = "params.yaml", root: str | Path = ".") -> Params:
-    """load_params as typed config objects: `load_config().distill.lora.r`."""
+    """The one reader of params.yaml: strict YAML, every key validated, as typed config objects
+    (`load_config().distill.lora.r`). Paths inside params (prompting.file, jsonl sources, local models) are relative
+    to the project root."""
     return config(read_yaml(path), root=root)

@@ -141,9 +141,9 @@ def verify_committed(src: Path = ROOT, stages: list[str] | None = None, workdir:
         run(["git", "clone", "-q", str(src), str(clone)], base, env)
         lock = read_lock(clone)
         if stages is None:
-            from kd.config.params import load_params
+            from kd.config.params import load_config
 
-            first = load_params(clone / "params.yaml")["prompting"]["strategies"][0]
+            first = load_config(clone / "params.yaml").prompting.strategies[0]
             stages = [s.format(first_strategy=first) for s in DEFAULT_STAGES]
         outs = {s: _stage_outs(lock, s) for s in stages}
         where = _source_for_pull(src, clone, env)

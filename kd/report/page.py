@@ -10,9 +10,9 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kd.config.arms import resolve, run_name
 from kd.core.errors import ArtefactError
 from kd.core.io import atomic_path, read_json, read_jsonl, write_json, write_text
-from kd.config.arms import resolve, run_name
 from kd.eval.comparisons import (  # noqa: F401
     KINDS,
     compare,
@@ -114,8 +114,8 @@ def collect(params: Params, root: str | Path = ".") -> dict:
 
 def read_attention(strategies, root: str | Path = ".") -> list[dict]:
     """Rows {model, layer, <stats>} of every student arm: the attention stages' reports/attention/<arm>.json, joined."""
-    from kd.core.paths import ATTENTION_DIR
     from kd.config.arms import student_arms
+    from kd.core.paths import ATTENTION_DIR
 
     rows = []
     for arm in student_arms(strategies):
@@ -234,8 +234,8 @@ def _remote_code(p: Params) -> str:
 def render_markdown(an: dict) -> str:
     import jinja2
 
-    from kd.data.prompting import COT_PROMPT
     from kd.config.arms import BASE_ARM
+    from kd.data.prompting import COT_PROMPT
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True, autoescape=False)

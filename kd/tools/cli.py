@@ -262,20 +262,20 @@ def select():
 def select_instruction(strategies, candidates):
     """Teacher accuracy on the validation questions under each candidate answer-format instruction (kd/tools/select/instruction_targets.py).
     Needs models/teacher and data/prepared (`dvc repro model@teacher prepare`)."""
-    from kd.config.params import load_params
+    from kd.config.params import load_config
     from kd.tools.select.instruction_targets import select_instruction as run
 
-    p = load_params()
-    bad = [s for s in strategies if s not in p["prompting"]["strategies"]]
+    c = load_config()
+    bad = [s for s in strategies if s not in c.prompting.strategies]
     if bad:
         raise KdError(f"--strategy {bad[0]!r} is not in prompting.strategies "
-                      f"(allowed: {', '.join(p['prompting']['strategies'])})")
+                      f"(allowed: {', '.join(c.prompting.strategies)})")
     from kd.tools.select.instruction_targets import INSTRUCTIONS
 
-    bad = [c for c in candidates if c not in INSTRUCTIONS]
+    bad = [x for x in candidates if x not in INSTRUCTIONS]
     if bad:
         raise KdError(f"--candidate {bad[0]!r} is not a candidate (allowed: {', '.join(INSTRUCTIONS)})")
-    sel = run(p, Path.cwd(), list(strategies) or None, list(candidates) or None, echo=click.echo)
+    sel = run(c, Path.cwd(), list(strategies) or None, list(candidates) or None, echo=click.echo)
     click.echo(f"{sel['decision']}\nset prompting.instruction to: {sel['best']!r}")
 
 
@@ -284,14 +284,14 @@ def select_instruction(strategies, candidates):
 def select_targets(strategy):
     """Distil one student per (hard target, response filter) pair on STRATEGY's transfer responses and compare their
     validation gold NLL. Needs `dvc repro logits@STRATEGY model@student`."""
-    from kd.config.params import load_params
+    from kd.config.params import load_config
     from kd.tools.select.instruction_targets import select_targets as run
 
-    p = load_params()
-    if strategy not in p["prompting"]["strategies"]:
+    c = load_config()
+    if strategy not in c.prompting.strategies:
         raise KdError(f"strategy {strategy!r} is not in prompting.strategies "
-                      f"(allowed: {', '.join(p['prompting']['strategies'])})")
-    sel = run(p, Path.cwd(), strategy, echo=click.echo)
+                      f"(allowed: {', '.join(c.prompting.strategies)})")
+    sel = run(c, Path.cwd(), strategy, echo=click.echo)
     click.echo(sel["decision"])
 
 
@@ -301,14 +301,14 @@ def select_recipe(strategy):
     """Distil one student per candidate optimiser and learning rate (then the best one with more epochs) on
     STRATEGY's transfer responses and compare their validation gold NLL (kd/tools/select/recipe.py). Needs
     `dvc repro logits@STRATEGY model@student`."""
-    from kd.config.params import load_params
+    from kd.config.params import load_config
     from kd.tools.select.recipe import select_recipe as run
 
-    p = load_params()
-    if strategy not in p["prompting"]["strategies"]:
+    c = load_config()
+    if strategy not in c.prompting.strategies:
         raise KdError(f"strategy {strategy!r} is not in prompting.strategies "
-                      f"(allowed: {', '.join(p['prompting']['strategies'])})")
-    sel = run(p, Path.cwd(), strategy, echo=click.echo)
+                      f"(allowed: {', '.join(c.prompting.strategies)})")
+    sel = run(c, Path.cwd(), strategy, echo=click.echo)
     b = sel["best"]
     click.echo(f"{sel['decision']}\nset distill.optimizer: {b['optimizer']}, distill.lr: {b['lr']}, "
                f"distill.epochs: {b['epochs']}")
@@ -344,7 +344,7 @@ def tune(n_trials, timeout, apply_, report_only):
     Results: metrics/tune.json, reports/tune/ (history, importances, alpha-T contour). Then `kd tune --apply`.
 
     Needs `dvc repro logits@<tune.strategy> model@student prepare`."""
-    from kd.config.params import load_params
+    from kd.config.params import load_config
     from kd.tools.tune.apply import apply_best
     from kd.tools.tune.results import write_results
     from kd.tools.tune.storage import load_study
@@ -361,11 +361,11 @@ def tune(n_trials, timeout, apply_, report_only):
                    "docs/reproducibility.md); `dvc repro` re-runs them" if changes else
                    "params.yaml already holds the study's best values")
         return
-    p = load_params()
+    c = load_config()
     if report_only:
-        write_results(load_study(p, root), p, root, echo=click.echo)
+        write_results(load_study(c, root), c, root, echo=click.echo)
         return
-    run_study(p, root, n_trials=n_trials, timeout=timeout, echo=click.echo)
+    run_study(c, root, n_trials=n_trials, timeout=timeout, echo=click.echo)
 
 
 @cli.command()
@@ -379,14 +379,14 @@ def tune(n_trials, timeout, apply_, report_only):
               help="Eval seconds per question and arm. Default: measured (results/eval/<arm>.json, reports/bench.json).")
 def plan(mde, disagreement, seconds):
     """How many eval questions a detectable difference needs, and what evaluating them costs on this machine."""
-    from kd.config.params import load_params
+    from kd.config.params import load_config
     from kd.tools.plan import plan as plan_questions
 
     if not 0 < mde <= 100:
         raise KdError(f"kd plan: --mde is {mde}; allowed: accuracy points in (0, 100]")
     if seconds is not None and not seconds > 0:
         raise KdError(f"kd plan: --seconds-per-question is {seconds}; allowed: a number > 0")
-    for line in plan_questions(load_params(), mde / 100, disagreement, Path.cwd(), seconds):
+    for line in plan_questions(load_config(), mde / 100, disagreement, Path.cwd(), seconds):
         click.echo(line)
 
 

@@ -4,22 +4,26 @@ per-question results (or report.planning_disagreement), and what they cost in ti
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kd.core.errors import ArtefactError, KdError
 from kd.core.io import read_json, read_jsonl
 from kd.eval.comparisons import families
 
+if TYPE_CHECKING:
+    from kd.config.params import Params
 
-def measured_disagreement(params: dict, root: str | Path = ".") -> tuple[float, str] | None:
+
+def measured_disagreement(params: Params, root: str | Path = ".") -> tuple[float, str] | None:
     """The largest disagreement (share of questions one arm got right and the other wrong, primary metric) among
     the first comparison family whose committed results/eval/<arm>.jsonl files all exist, and what it was measured
     on; None when no family has them. The largest, so the questions planned on it suffice for every pair."""
     from kd.eval.stats import paired_comparison
 
     root = Path(root)
-    primary = params["report"]["primary_metric"]
+    primary = params.report.primary_metric
     key = f"correct_{primary}"
-    for fam in families(params["prompting"]["strategies"]):
+    for fam in families(params.prompting.strategies):
         arms = list(dict.fromkeys(a for pair in fam["pairs"] for a in pair))
         if not arms or not all((root / "results/eval" / f"{a}.jsonl").is_file() for a in arms):
             continue
@@ -37,14 +41,14 @@ def measured_disagreement(params: dict, root: str | Path = ".") -> tuple[float, 
     return None
 
 
-def seconds_per_question(params: dict, root: str | Path = ".") -> tuple[dict[str, float], str]:
+def seconds_per_question(params: Params, root: str | Path = ".") -> tuple[dict[str, float], str]:
     """Seconds one eval question takes per arm on this machine: results/eval/<arm>.json's `seconds` / `n` where the
     eval stage recorded its time, else reports/bench.json's decoding speed (`kd bench`, tokens/s of the teacher's or
     the student's model) over the arm's mean response tokens. Returns ({arm: seconds}, where they came from)."""
     from kd.config.arms import arm_names, resolve
 
     root = Path(root)
-    strategies = params["prompting"]["strategies"]
+    strategies = params.prompting.strategies
     out, sources = {}, set()
     bench_path = root / "reports/bench.json"
     bench = read_json(bench_path) if bench_path.is_file() else {}
@@ -66,7 +70,7 @@ def seconds_per_question(params: dict, root: str | Path = ".") -> tuple[dict[str
     return out, "; ".join(sorted(sources))
 
 
-def plan(params: dict, mde: float, disagreement: float | None = None, root: str | Path = ".",
+def plan(params: Params, mde: float, disagreement: float | None = None, root: str | Path = ".",
          seconds: float | None = None) -> list[str]:
     """`kd plan`: how many paired eval questions a detectable difference `mde` (a fraction) needs at 80 % power and
     two-sided 0.05 (exact McNemar), and what evaluating them costs here. The disagreement: the given one, else the
@@ -80,7 +84,7 @@ def plan(params: dict, mde: float, disagreement: float | None = None, root: str 
         if measured is not None and measured[0] > 0:
             disagreement, where = measured[0], f"measured: the largest of the committed results ({measured[1]})"
         else:
-            disagreement = params["report"]["planning_disagreement"]
+            disagreement = params.report.planning_disagreement
             where = "report.planning_disagreement (no committed per-question results to measure it on)"
     if not 0 < disagreement <= 1:
         raise KdError(f"kd plan: the disagreement must be in (0, 1], got {disagreement}")
@@ -91,7 +95,7 @@ def plan(params: dict, mde: float, disagreement: float | None = None, root: str 
     n = mcnemar_sample_size(mde, disagreement)
     lines = [f"detecting {100 * mde:.1f} points (exact McNemar, two-sided 0.05, 80 % power) at "
              f"{100 * disagreement:.1f} % disagreement [{where}] needs {n} paired eval questions "
-             f"(prepare.eval_size is {params['prepare']['eval_size']})."]
+             f"(prepare.eval_size is {params.prepare.eval_size})."]
     if seconds is not None:
         per, source = {"every arm": float(seconds)}, "given (--seconds-per-question)"
     else:
@@ -102,7 +106,7 @@ def plan(params: dict, mde: float, disagreement: float | None = None, root: str 
         return lines
     from kd.config.arms import arm_names
 
-    arms = len(arm_names(params["prompting"]["strategies"]))
+    arms = len(arm_names(params.prompting.strategies))
     total = sum(per.values()) * n * (arms if "every arm" in per else 1)
     each = ", ".join(f"{a} {s:.2f} s" for a, s in per.items())
     lines.append(f"cost on this machine: about {total / 3600:.1f} h of eval decoding for {n} questions "

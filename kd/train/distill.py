@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from kd.config.params import RESPONSE_FILTERS
+from kd.config.params import RESPONSE_FILTERS, Distill
 from kd.core.errors import KdError
 from kd.core.io import save_safetensors
 from kd.data.prompting import chat_ids, render_question
@@ -237,7 +237,7 @@ class Checkpoint:
 class Recipe:
     """What the training loop needs from a run's settings: distill.* (`cfg`: optimizer, lr, epochs, batch, loss,
     hard target, ...), the loss weights alpha and T, and the seed (kd.train.run.StudentRun.recipe)."""
-    cfg: dict
+    cfg: Distill
     alpha: float
     temperature: float
     seed: int
@@ -257,11 +257,11 @@ def train(model, examples: list[Example], teacher_for: Callable[[int], Callable[
     cfg, alpha, temperature, seed = recipe.cfg, recipe.alpha, recipe.temperature, recipe.seed
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg)
-    batch = cfg["batch_size"]
+    batch = cfg.batch_size
     rank, size = shard
     sharded = is_sharded(model)  # compute.sharding fsdp (kd/train/sharding.py)
     per_epoch = math.ceil(len(examples) / batch)
-    total = cfg["epochs"] * per_epoch
+    total = cfg.epochs * per_epoch
     resumed = checkpoint.load(model, opt)
     step, history = resumed if resumed else (0, [])
     if resumed:
@@ -270,13 +270,13 @@ def train(model, examples: list[Example], teacher_for: Callable[[int], Callable[
         if on_step:
             on_step(rec["step"], rec)
     model.train()
-    for epoch in range(cfg["epochs"]):
+    for epoch in range(cfg.epochs):
         order = epoch_order(len(examples), seed, epoch)
         for k in range(per_epoch):
             if epoch * per_epoch + k < step:
                 continue  # done before the interruption
             group = [examples[i] for i in order[k * batch:(k + 1) * batch]]
-            lr = cosine_lr(cfg["lr"], step, total)
+            lr = cosine_lr(cfg.lr, step, total)
             for g in opt.param_groups:
                 g["lr"] = lr
             sums = torch.zeros(3, dtype=torch.float64)
@@ -287,8 +287,8 @@ def train(model, examples: list[Example], teacher_for: Callable[[int], Callable[
                 ex = mine[n] if real else group[0]
                 if sharded:
                     model.set_requires_gradient_sync(n == passes - 1)  # reduce-scatter once, after the last pass
-                losses = example_loss(model, ex, teacher_for(ex.id), alpha, temperature, cfg["loss"],
-                                      cfg["hard_target"], cfg["kd_chunk"], width, pass_seed(seed, epoch, ex.id))
+                losses = example_loss(model, ex, teacher_for(ex.id), alpha, temperature, cfg.loss,
+                                      cfg.hard_target, cfg.kd_chunk, width, pass_seed(seed, epoch, ex.id))
                 if not torch.isfinite(losses["loss"]):
                     raise KdError(f"distill: non-finite loss at step {step} (example id {ex.id}); lower distill.lr")
                 loss = losses["loss"] / len(group)

@@ -8,9 +8,9 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from kd.config.arms import adapter_name, run_name, trained_by
 from kd.core.errors import KdError
@@ -18,17 +18,23 @@ from kd.core.io import atomic_path, remove_tree, sha256_file, write_json
 from kd.train.distill import Checkpoint, Example, Recipe, summarise, train
 from kd.train.sharding import trainable_state
 
+if TYPE_CHECKING:
+    from kd.config.params import Distill, Lora, Params, Student
+
 
 def fingerprint(*parts) -> str:
-    """A digest of everything a run's result depends on: a checkpoint from other inputs is never resumed."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    """A digest of everything a run's result depends on: a checkpoint from other inputs is never resumed. Typed
+    params sections enter as their plain data."""
+    def plain(o):
+        return o.model_dump() if hasattr(o, "model_dump") else str(o)
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=plain).encode()).hexdigest()
 
 
 def weights_digest(model_dir: str | Path) -> list[str]:
     return sorted(sha256_file(f) for f in Path(model_dir).glob("*.safetensors"))
 
 
-def lora_student(model_dir: str | Path, dtype: str, trust_remote_code: bool, lora: dict, seed: int,
+def lora_student(model_dir: str | Path, dtype: str, trust_remote_code: bool, lora: Lora, seed: int,
                  quantization: str | None = None, device: str | None = None):
     """The student with fresh LoRA adapters (A drawn from the seeded global generator, B zero); with
     `quantization` (student.quantization) a QLoRA student: the frozen base in bitsandbytes 4/8 bit."""
@@ -39,8 +45,8 @@ def lora_student(model_dir: str | Path, dtype: str, trust_remote_code: bool, lor
 
     model = load_model(model_dir, dtype, trust_remote_code, quantization=quantization, device=device)
     torch.manual_seed(seed)  # LoRA A matrices are drawn from the global generator
-    return get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                                            target_modules=lora["target_modules"], task_type="CAUSAL_LM"))
+    return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                            target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
 
 
 def save_adapter(model, out_dir: str | Path, state: dict | None = None) -> None:
@@ -53,11 +59,11 @@ def save_adapter(model, out_dir: str | Path, state: dict | None = None) -> None:
         model.save_pretrained(str(tmp), safe_serialization=True, **({"state_dict": state} if state else {}))
 
 
-def control_config(distill: dict) -> dict:
+def control_config(distill: Distill) -> Distill:
     """The fine-tune control's training settings, derived from the KD arms' (`distill.*`): every setting shared
     (optimizer, lr, schedule, batch, LoRA, lengths, checkpoints, validation), CE on the gold solutions, no teacher.
     Derived, not copied key by key, so a new `distill.*` key reaches the control without anyone listing it."""
-    return {**distill, "hard_target": "gold"}
+    return distill.model_copy(update={"hard_target": "gold"})
 
 
 def run_paths(arm: str) -> tuple[Path, Path, Path, Path]:
@@ -76,17 +82,24 @@ class StudentRun:
     `StudentRun.of(p, control=True)`: the KD arms' run with the teacher term's settings removed (control_config), so
     the two cannot drift. tune and select vary it with `dataclasses.replace` (lr, epochs, alpha, ...)."""
     root: Path
-    student: dict      # params student.*: the model folder's dtype, trust_remote_code, quantization
-    cfg: dict          # distill.* (the control: control_config(distill.*))
+    student: Student   # params student.*: the model folder's dtype, trust_remote_code, quantization
+    cfg: Distill       # distill.* (the control: control_config(distill.*))
     alpha: float
     temperature: float
     seed: int
     instruction: str   # prompting.instruction: the answer-format line after every question
 
     @classmethod
-    def of(cls, p: dict, root: str | Path = ".", control: bool = False) -> "StudentRun":
-        return cls(Path(root), p["student"], control_config(p["distill"]) if control else p["distill"], p["alpha"],
-                   p["temperature"], p["seed"], p["prompting"]["instruction"])
+    def of(cls, c: Params, root: str | Path = ".", control: bool = False) -> "StudentRun":
+        return cls(Path(root), c.student, control_config(c.distill) if control else c.distill, c.alpha,
+                   c.temperature, c.seed, c.prompting.instruction)
+
+    def varied(self, **distill) -> "StudentRun":
+        """This run with some `distill.*` settings changed (kd tune's trials, kd select's candidates); `lora_r` sets
+        distill.lora.r."""
+        if "lora_r" in distill:
+            distill["lora"] = self.cfg.lora.model_copy(update={"r": distill.pop("lora_r")})
+        return replace(self, cfg=self.cfg.model_copy(update=distill))
 
     def model(self, device: str | None = None):
         """The student (models/student) with fresh LoRA adapters, every generator seeded first."""
@@ -94,11 +107,11 @@ class StudentRun:
 
         seed_everything(self.seed)
         s = self.student
-        return lora_student(self.root / "models/student", s["dtype"], s["trust_remote_code"], self.cfg["lora"],
-                            self.seed, quantization=s["quantization"], device=device)
+        return lora_student(self.root / "models/student", s.dtype, s.trust_remote_code, self.cfg.lora,
+                            self.seed, quantization=s.quantization, device=device)
 
     def validation(self, tokenizer) -> Callable[[object], float] | None:
-        return validation(self.root, tokenizer, self.instruction, self.cfg["max_length"])
+        return validation(self.root, tokenizer, self.instruction, self.cfg.max_length)
 
     @property
     def recipe(self) -> Recipe:
@@ -152,7 +165,7 @@ def run_training(run: StudentRun, arm: str, model, examples: list[Example],
     """Train arm `arm`'s `model` (a peft LoRA model) on `examples`; returns the metrics written to its
     results/distill/<run>.json (paths: run_paths).
 
-    `validate(model)`: the validation gold NLL per token, measured before training, every `cfg["val_every"]` steps
+    `validate(model)`: the validation gold NLL per token, measured before training, every `cfg.val_every` steps
     (0: never in between) and after; with ||dW||/||W|| it says how far training moved the student.
     The training curves go to a temp folder that replaces `curves_dir` only when training succeeded: a failed
     run leaves the previous curves in place."""
@@ -165,13 +178,13 @@ def run_training(run: StudentRun, arm: str, model, examples: list[Example],
         raise KdError(f"{name}: no training examples (all skipped or filtered out; see distill.max_length and "
                       "distill.response_filter)")
     t0 = time.time()
-    checkpoint = Checkpoint(work_dir / "checkpoint.safetensors", run_fingerprint, cfg["checkpoint_every"])
+    checkpoint = Checkpoint(work_dir / "checkpoint.safetensors", run_fingerprint, cfg.checkpoint_every)
     if shard[0] > 0:  # another process of a launch (kd/core/launch.py): trains its share, rank 0 writes everything
         run.train(model, examples, teacher_for, checkpoint, width=width, shard=shard)
         trainable_state(model)  # compute.sharding fsdp: its part of gathering the adapter
         return None
-    total = cfg["epochs"] * math.ceil(len(examples) / cfg["batch_size"])
-    every = cfg["val_every"]
+    total = cfg.epochs * math.ceil(len(examples) / cfg.batch_size)
+    every = cfg.val_every
     val_before = validate(model) if validate else None  # LoRA B is zero: this is the base student
     with atomic_path(curves_dir) as live_tmp:
         with Live(str(live_tmp), save_dvc_exp=False, dvcyaml=None) as live, \
@@ -193,7 +206,7 @@ def run_training(run: StudentRun, arm: str, model, examples: list[Example],
 
             history = run.train(model, examples, teacher_for, checkpoint, on_step, width=width, shard=shard)
         save_adapter(model, adapter_dir, trainable_state(model))
-    summary = {**summarise(history, len(examples), cfg["epochs"]),
+    summary = {**summarise(history, len(examples), cfg.epochs),
                "response_tokens": sum(e.response_len for e in examples),
                "trainable_params": sum(q.numel() for q in model.parameters() if q.requires_grad),
                "update_norm_ratio": update_norm_ratio(model),

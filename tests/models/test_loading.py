@@ -47,10 +47,11 @@ def test_a_header_that_does_not_describe_the_file_is_refused(tmp_path, header, d
 @pytest.fixture(scope="module")
 def adapter(tiny_models, tmp_path_factory):
     """A real LoRA adapter (peft, r=4, q_proj/v_proj) over the tiny student, saved as the stages save it."""
+    from kd.config.params import Lora
     from kd.train.run import lora_student, save_adapter
 
     out = tmp_path_factory.mktemp("adapter") / "kd-none"
-    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+    lora = Lora(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
     save_adapter(lora_student(tiny_models / "student", "float32", False, lora, 0), out)
     return out
 

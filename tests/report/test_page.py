@@ -506,7 +506,7 @@ def test_plan_questions_and_cost(tmp_path, params):
     from kd.tools.plan import plan
 
     # no committed results: the planning disagreement
-    lines = plan(params, 0.2, root=tmp_path)
+    lines = plan(parse(params), 0.2, root=tmp_path)
     n = mcnemar_sample_size(0.2, 0.3)
     assert f"at 30.0 % disagreement [report.planning_disagreement" in lines[0] and f"needs {n} paired" in lines[0]
     assert mcnemar_power(n, 0.3, 0.2) >= 0.8 > mcnemar_power(n - 1, 0.3, 0.2)
@@ -514,21 +514,21 @@ def test_plan_questions_and_cost(tmp_path, params):
     # committed results: the disagreement measured on kd-teacher vs kd-none (strict), counted independently
     corr = fabricate(tmp_path, params)
     d = sum(a[0] != b[0] for a, b in zip(corr["kd-teacher"], corr["kd-none"])) / N
-    lines = plan(params, 0.2, root=tmp_path)
+    lines = plan(parse(params), 0.2, root=tmp_path)
     assert f"at {100 * d:.1f} % disagreement [measured" in lines[0] and "kd-teacher vs kd-none, strict" in lines[0]
     assert f"needs {mcnemar_sample_size(0.2, d)} paired" in lines[0]
     # the eval stage's own time per question where it recorded one, else kd bench's decoding speed
     for m in arms(params):
         path = tmp_path / "results/eval" / f"{m}.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), "seconds": 2.0 * N}))
-    lines = plan(params, 0.2, root=tmp_path)
+    lines = plan(parse(params), 0.2, root=tmp_path)
     n = mcnemar_sample_size(0.2, d)
     hours = 2.0 * n * len(arms(params)) / 3600
     assert f"about {hours:.1f} h" in lines[1] and "student 2.00 s" in lines[1] and "seconds / n" in lines[1]
-    assert f"about {3.0 * n * len(arms(params)) / 3600:.1f} h" in plan(params, 0.2, root=tmp_path, seconds=3.0)[1]
+    assert f"about {3.0 * n * len(arms(params)) / 3600:.1f} h" in plan(parse(params), 0.2, root=tmp_path, seconds=3.0)[1]
     # a difference larger than the disagreement cannot occur: one clear error
     with pytest.raises(KdError, match="needs the two arms to disagree on at least"):
-        plan(params, 0.5, disagreement=0.3, root=tmp_path)
+        plan(parse(params), 0.5, disagreement=0.3, root=tmp_path)
 
 
 def test_plan_cli_rejects_bad_input():

@@ -51,10 +51,11 @@ def kd(root: Path, *args: str, **popen) -> subprocess.Popen:
 
 
 def trials(root: Path, p: dict) -> list[optuna.trial.FrozenTrial]:
+    from kd.config.params import parse
     from kd.tools.tune.storage import study_name
 
     url = p["tune"]["storage"].replace("sqlite:///", f"sqlite:///{root}/")
-    return optuna.load_study(study_name=study_name(p), storage=url).get_trials()
+    return optuna.load_study(study_name=study_name(parse(p)), storage=url).get_trials()
 
 
 def counted(ts) -> list:

@@ -47,11 +47,9 @@ def test_control_is_the_kd_arm_minus_the_teacher(tmp_path):
     """Issue 19: the fine-tune control shares every setting of the KD arms (optimizer, batch, schedule, examples
     and their order, seed, dropout masks) except the teacher term: its first step's gradient equals the KD arm's
     CE-term gradient bit for bit, while the KD arm's whole gradient differs (the teacher term is there)."""
-    from dataclasses import replace
-
     import torch
 
-    from kd.config.params import load_params
+    from kd.config.params import load_config
     from kd.core.io import read_jsonl
     from kd.train.distill import build_gold_examples, epoch_order, example_loss, pass_seed
     from kd.train.inputs import load_kd_inputs
@@ -66,23 +64,23 @@ def test_control_is_the_kd_arm_minus_the_teacher(tmp_path):
     for stage, *args in (("prepare",), ("model", "teacher"), ("model", "student"), ("teacher", "none"),
                          ("logits", "none")):
         in_process(tmp_path, stage, *args)
-    p = load_params(tmp_path / "params.yaml", tmp_path)
-    kd_run, ctl_run = StudentRun.of(p, tmp_path), StudentRun.of(p, tmp_path, control=True)
+    c = load_config(tmp_path / "params.yaml", tmp_path)
+    kd_run, ctl_run = StudentRun.of(c, tmp_path), StudentRun.of(c, tmp_path, control=True)
     # one run object: the control is the KD arms' run, every setting shared (student, optimizer, batch size, schedule,
     # LoRA, alpha, temperature, seed, instruction), except the teacher-only ones
-    assert replace(ctl_run, cfg={**ctl_run.cfg, "hard_target": kd_run.cfg["hard_target"]}) == kd_run
-    assert ctl_run.cfg["hard_target"] == "gold" and ctl_run.cfg["optimizer"] == "adamw" and ctl_run.cfg["batch_size"] == 2
+    assert ctl_run.varied(hard_target=kd_run.cfg.hard_target) == kd_run
+    assert ctl_run.cfg.hard_target == "gold" and ctl_run.cfg.optimizer == "adamw" and ctl_run.cfg.batch_size == 2
     kd_cfg, ctl_cfg = kd_run.cfg, ctl_run.cfg
-    instr, ml = p["prompting"]["instruction"], kd_cfg["max_length"]
+    instr, ml = c.prompting.instruction, kd_cfg.max_length
     inputs = load_kd_inputs(tmp_path, "none", False)
-    _, kd_ex, _ = inputs.examples(kd_cfg["response_filter"], instr, ml, kd_cfg["hard_target"])
+    _, kd_ex, _ = inputs.examples(kd_cfg.response_filter, instr, ml, kd_cfg.hard_target)
     ctl_ex, _ = build_gold_examples(read_jsonl(tmp_path / "data/prepared/transfer.jsonl"), inputs.tokenizer, instr, ml)
     assert [e.id for e in kd_ex] == [e.id for e in ctl_ex] and len(kd_ex) > 2
     assert [e.gold_ids for e in kd_ex] == [e.gold_ids for e in ctl_ex]  # the same CE targets
-    for epoch in range(kd_cfg["epochs"]):  # the same seeded order (it depends on the count and the seed only)
-        assert epoch_order(len(kd_ex), p["seed"], epoch) == epoch_order(len(ctl_ex), p["seed"], epoch)
+    for epoch in range(kd_cfg.epochs):  # the same seeded order (it depends on the count and the seed only)
+        assert epoch_order(len(kd_ex), c.seed, epoch) == epoch_order(len(ctl_ex), c.seed, epoch)
 
-    first = epoch_order(len(kd_ex), p["seed"], 0)[0]
+    first = epoch_order(len(kd_ex), c.seed, 0)[0]
     grads = {}
     for arm, ex, teacher, part in (("kd-ce", kd_ex[first], inputs.teacher_for(kd_ex[first].id), "ce"),
                                    ("kd", kd_ex[first], inputs.teacher_for(kd_ex[first].id), "loss"),
@@ -90,9 +88,9 @@ def test_control_is_the_kd_arm_minus_the_teacher(tmp_path):
         model = ctl_run.model()
         model.train()
         assert type(make_optimizer([q for q in model.parameters() if q.requires_grad], ctl_cfg)).__name__ == "AdamW"
-        losses = example_loss(model, ex, teacher, p["alpha"], p["temperature"], kd_cfg["loss"], "gold",
-                              kd_cfg["kd_chunk"], inputs.vocab["kd_width"], pass_seed(p["seed"], 0, ex.id))
-        (p["alpha"] * losses["ce"] if part == "ce" else losses["loss"]).backward()
+        losses = example_loss(model, ex, teacher, c.alpha, c.temperature, kd_cfg.loss, "gold",
+                              kd_cfg.kd_chunk, inputs.vocab["kd_width"], pass_seed(c.seed, 0, ex.id))
+        (c.alpha * losses["ce"] if part == "ce" else losses["loss"]).backward()
         grads[arm] = [q.grad.clone() for q in model.parameters() if q.requires_grad and q.grad is not None]
     assert len(grads["control"]) == len(grads["kd-ce"]) > 0
     assert all(torch.equal(a, b) for a, b in zip(grads["control"], grads["kd-ce"]))

@@ -16,7 +16,7 @@ import torch
 import yaml
 from stage_runner import in_process
 
-from kd.config.params import validate
+from kd.config.params import parse, validate
 from kd.config.profiles import load as load_profile
 from kd.core.errors import ParamError
 from kd.harness.verify import make_copy
@@ -31,6 +31,11 @@ def tiny(**student) -> dict:
     p["prompting"]["strategies"] = ["none"]
     p["student"].update(student)
     return p
+
+
+def _distill(**settings):
+    """The tiny profile's typed distill.* section with some settings changed."""
+    return parse(tiny()).distill.model_copy(update=settings)
 
 
 @pytest.mark.parametrize("edit, key, allowed", [
@@ -101,7 +106,7 @@ def test_8bit_optimizer_state_survives_a_checkpoint(tmp_path):
 
     torch.manual_seed(0)
     model = torch.nn.Linear(64, 64)
-    cfg = {"optimizer": "adamw-8bit", "lr": 1e-3, "weight_decay": 0.01, "momentum": 0.9}
+    cfg = _distill(optimizer="adamw-8bit", lr=1e-3, weight_decay=0.01, momentum=0.9)
     opt = make_optimizer(list(model.parameters()), cfg)
     for _ in range(2):
         model(torch.randn(4, 64)).pow(2).mean().backward()
@@ -132,13 +137,13 @@ def test_missing_bitsandbytes_is_named_by_what_needs_it(qlora, monkeypatch):
 
     root, _ = qlora
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # what `import bitsandbytes` meets where it is absent
-    cfg = {"optimizer": "adamw-8bit", "lr": 1e-3, "weight_decay": 0.0, "momentum": 0.9}
+    cfg = _distill(optimizer="adamw-8bit", lr=1e-3, weight_decay=0.0, momentum=0.9)
     with pytest.raises(ArtefactError, match=r"distill\.optimizer=adamw-8bit needs bitsandbytes"):
         make_optimizer(list(torch.nn.Linear(2, 2).parameters()), cfg)
     with pytest.raises(ArtefactError, match=r"quantization=bnb-4bit needs bitsandbytes"):
         load_model(root / "models/student", quantization="bnb-4bit", device="cpu")
     with pytest.raises(ParamError, match="sgd, adamw, adamw-8bit, paged-adamw-8bit"):  # a bad name before any import
-        make_optimizer([], {**cfg, "optimizer": "adam"})
+        make_optimizer([], cfg.model_copy(update={"optimizer": "adam"}))  # past the params' own check
 
 
 def test_qlora_imports_neither_torch_nor_bitsandbytes():

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from kd.core.errors import KdError
 from kd.core.io import read_json, read_jsonl, write_json
 from kd.core.paths import SELECTION_DIR
+
+if TYPE_CHECKING:
+    from kd.config.params import Params
 
 FORMAT = "Write the final answer on its own line as: #### <number>"
 # Candidates. Not among them: the first release's "Solve the problem step by step in a few short sentences, without
@@ -63,7 +66,7 @@ def _update(root: Path, profile: str | None, n: int, key: str, block: dict, deci
     return sel
 
 
-def select_instruction(p: dict, root: Path, strategies: list[str] | None = None,
+def select_instruction(c: Params, root: Path, strategies: list[str] | None = None,
                        candidates: list[str] | None = None, echo: Callable[[str], None] = print) -> dict:
     from kd.core.seeding import seed_everything
     from kd.data.answers import score
@@ -74,14 +77,13 @@ def select_instruction(p: dict, root: Path, strategies: list[str] | None = None,
     rows = read_jsonl(root / "data/prepared/validation.jsonl")
     if not rows:
         raise KdError("prepare.validation_size is 0: nothing to select on (raise it and `dvc repro prepare`)")
-    t = p["teacher"]
-    strategies = list(strategies or p["prompting"]["strategies"])
-    templates = load_strategies(root / p["prompting"]["file"])
+    t = c.teacher
+    strategies = list(strategies or c.prompting.strategies)
+    templates = load_strategies(root / c.prompting.file)
     # measurements already recorded under the same teacher, budget and templates are kept, not repeated: a candidate
     # or a strategy can be added later
-    setup = {"teacher": p["teacher"]["model"], "dtype": t["dtype"], "max_new_tokens": t["max_new_tokens"],
-             "seed": p["seed"], "n": len(rows)}
-    path = selection_path(root, p.get("profile"))
+    setup = {"teacher": t.model, "dtype": t.dtype, "max_new_tokens": t.max_new_tokens, "seed": c.seed, "n": len(rows)}
+    path = selection_path(root, c.profile)
     old = read_json(path).get("parts", {}).get("instruction", {}) if path.exists() else {}
     results = {}
     if old.get("setup") == setup:
@@ -92,14 +94,14 @@ def select_instruction(p: dict, root: Path, strategies: list[str] | None = None,
     todo = [(n, s) for n in (candidates or list(INSTRUCTIONS)) for s in strategies if (n, s) not in results]
     model = tok = None
     if todo:
-        seed_everything(p["seed"])
-        tok = load_tokenizer(root / "models/teacher", t["trust_remote_code"])
-        model = load_model(root / "models/teacher", t["dtype"], t["trust_remote_code"], quantization=t["quantization"])
+        seed_everything(c.seed)
+        tok = load_tokenizer(root / "models/teacher", t.trust_remote_code)
+        model = load_model(root / "models/teacher", t.dtype, t.trust_remote_code, quantization=t.quantization)
     for name, s in todo:
         with tempfile.TemporaryDirectory(prefix="kd-select-") as work:
             out = run_generation(model, tok, rows, Generation(
-                templates[s], INSTRUCTIONS[name], t["max_new_tokens"], t["batch_size"], Path(work),
-                fingerprint=f"select:{name}:{s}", invariant=p["compute"]["decode"] == "invariant"))
+                templates[s], INSTRUCTIONS[name], t.max_new_tokens, t.batch_size, Path(work),
+                fingerprint=f"select:{name}:{s}", invariant=c.compute.decode == "invariant"))
         n = len(out)
         results[(name, s)] = {"strict": sum(r["correct_strict"] for r in out) / n,
                               "flexible": sum(score(r["response"], r["gold"])["correct_flexible"] for r in out) / n,
@@ -112,7 +114,7 @@ def select_instruction(p: dict, root: Path, strategies: list[str] | None = None,
     allowed = done
     best = max(allowed, key=lambda n: (mean[n]["strict"], mean[n]["finished"], -allowed.index(n)))
     block = {"title": f"Answer-format instruction: the teacher on the validation questions (strategies "
-                      f"{', '.join(strategies)}; ≤ {t['max_new_tokens']} new tokens)",
+                      f"{', '.join(strategies)}; ≤ {t.max_new_tokens} new tokens)",
              "headers": ["candidate", "instruction", "strict", "flexible", "finished", "mean tokens"],
              "rows": [[n, f'"{INSTRUCTIONS[n]}"', f"{100 * mean[n]['strict']:.1f} %",
                        f"{100 * mean[n]['flexible']:.1f} %", f"{100 * mean[n]['finished']:.0f} %",
@@ -120,15 +122,13 @@ def select_instruction(p: dict, root: Path, strategies: list[str] | None = None,
     decision = (f"Instruction: `{best}` (highest teacher strict accuracy; ties: more finished answers. The first "
                 "release's instruction asked for \"a few short sentences\", contradicting the priming strategies, "
                 "and is not a candidate).")
-    sel = _update(root, p.get("profile"), len(rows), "instruction", block, decision,
+    sel = _update(root, c.profile, len(rows), "instruction", block, decision,
                   raw={"|".join(k): v for k, v in sorted(results.items())},
                   extra={"setup": setup, "templates": {s: templates[s] for s in strategies}})
     return sel | {"best": INSTRUCTIONS[best]}
 
 
-def select_targets(p: dict, root: Path, strategy: str, echo: Callable[[str], None] = print) -> dict:
-    from dataclasses import replace
-
+def select_targets(c: Params, root: Path, strategy: str, echo: Callable[[str], None] = print) -> dict:
     from scipy.stats import wilcoxon
 
     from kd.train.distill import Checkpoint, gold_nll
@@ -138,22 +138,22 @@ def select_targets(p: dict, root: Path, strategy: str, echo: Callable[[str], Non
     rows = read_jsonl(root / "data/prepared/validation.jsonl")
     if not rows:
         raise KdError("prepare.validation_size is 0: nothing to select on (raise it and `dvc repro prepare`)")
-    s, cfg = p["student"], p["distill"]
-    inputs = load_kd_inputs(root, strategy, s["trust_remote_code"])
+    s, cfg = c.student, c.distill
+    inputs = load_kd_inputs(root, strategy, s.trust_remote_code)
     tok = inputs.tokenizer
-    instruction = p["prompting"]["instruction"]
+    instruction = c.prompting.instruction
     nll: dict[tuple[str, str], list[float]] = {}
     kept_n = {}
     for hard, filt in TARGET_PAIRS:
-        kept, examples, _ = inputs.examples(filt, instruction, cfg["max_length"], hard)
+        kept, examples, _ = inputs.examples(filt, instruction, cfg.max_length, hard)
         kept_n[(hard, filt)] = len(kept)
-        candidate = replace(StudentRun.of(p, root), cfg={**cfg, "hard_target": hard})
+        candidate = StudentRun.of(c, root).varied(hard_target=hard)
         model = candidate.model()
         if examples:
             with tempfile.TemporaryDirectory(prefix="kd-select-") as work:
                 candidate.train(model, examples, inputs.teacher_for, Checkpoint(Path(work) / "ckpt.safetensors",
                                 "select"), width=inputs.vocab["kd_width"])
-        nll[(hard, filt)] = gold_nll(model, tok, rows, instruction, cfg["max_length"])
+        nll[(hard, filt)] = gold_nll(model, tok, rows, instruction, cfg.max_length)
         echo(f"select targets {hard}/{filt}: {len(examples)} examples, validation gold NLL "
              f"{sum(nll[(hard, filt)]) / len(nll[(hard, filt)]):.4f}")
         del model
@@ -180,4 +180,4 @@ def select_targets(p: dict, root: Path, strategy: str, echo: Callable[[str], Non
     decision = (f"Targets: hard target `{best[0]}`, response filter `{best[1]}` "
                 + ("(the paper's choice; no other pair was detectably better on validation)." if best == PAPER_PAIR
                    else "(detectably better than the paper's gold/all on validation)."))
-    return _update(root, p.get("profile"), len(rows), "targets", block, decision) | {"best": best}
+    return _update(root, c.profile, len(rows), "targets", block, decision) | {"best": best}

@@ -14,10 +14,13 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from kd.core.errors import KdError
 from kd.core.io import read_jsonl
+
+if TYPE_CHECKING:
+    from kd.config.params import Params
 
 # (optimizer, lr) candidates, one epoch each; the best is then tried with EPOCHS_MORE epochs
 CANDIDATES = [("sgd", 1e-3), ("sgd", 3e-2), ("adamw", 1e-4), ("adamw", 3e-4), ("adamw", 1e-3)]
@@ -28,10 +31,8 @@ def _fmt_lr(lr: float) -> str:
     return f"{lr:.0e}".replace("e-0", "e-")
 
 
-def select_recipe(p: dict, root: Path, strategy: str, echo: Callable[[str], None] = print,
+def select_recipe(c: Params, root: Path, strategy: str, echo: Callable[[str], None] = print,
                   candidates: list[tuple[str, float]] | None = None) -> dict:
-    from dataclasses import replace
-
     from scipy.stats import wilcoxon
 
     from kd.tools.select.instruction_targets import _update
@@ -42,23 +43,23 @@ def select_recipe(p: dict, root: Path, strategy: str, echo: Callable[[str], None
     rows = read_jsonl(root / "data/prepared/validation.jsonl")
     if not rows:
         raise KdError("prepare.validation_size is 0: nothing to select on (raise it and `dvc repro prepare`)")
-    student_run = StudentRun.of(p, root)
-    s, base = p["student"], p["distill"]
-    inputs = load_kd_inputs(root, strategy, s["trust_remote_code"])
-    instruction = p["prompting"]["instruction"]
-    _, examples, _ = inputs.examples(base["response_filter"], instruction, base["max_length"], base["hard_target"])
+    student_run = StudentRun.of(c, root)
+    s, base = c.student, c.distill
+    inputs = load_kd_inputs(root, strategy, s.trust_remote_code)
+    instruction = c.prompting.instruction
+    _, examples, _ = inputs.examples(base.response_filter, instruction, base.max_length, base.hard_target)
     if not examples:
         raise KdError("kd select recipe: no training examples (see distill.max_length and distill.response_filter)")
 
     def run(optimizer: str, lr: float, epochs: int) -> dict:
-        candidate = replace(student_run, cfg={**base, "optimizer": optimizer, "lr": lr, "epochs": epochs})
+        candidate = student_run.varied(optimizer=optimizer, lr=lr, epochs=epochs)
         model = candidate.model()
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="kd-select-") as work:
             candidate.train(model, examples, inputs.teacher_for, Checkpoint(Path(work) / "ckpt.safetensors", "select"),
                             width=inputs.vocab["kd_width"])
         seconds = time.perf_counter() - t0
-        nll = gold_nll(model, inputs.tokenizer, rows, instruction, base["max_length"])
+        nll = gold_nll(model, inputs.tokenizer, rows, instruction, base.max_length)
         out = {"optimizer": optimizer, "lr": lr, "epochs": epochs, "nll": nll, "mean_nll": sum(nll) / len(nll),
                "update_norm_ratio": update_norm_ratio(model), "train_seconds": round(seconds, 1)}
         echo(f"select recipe {optimizer} lr {_fmt_lr(lr)} x{epochs}: validation gold NLL {out['mean_nll']:.4f}, "
@@ -67,7 +68,7 @@ def select_recipe(p: dict, root: Path, strategy: str, echo: Callable[[str], None
         return out
 
     untrained = student_run.model()
-    before = gold_nll(untrained, inputs.tokenizer, rows, instruction, base["max_length"])
+    before = gold_nll(untrained, inputs.tokenizer, rows, instruction, base.max_length)
     del untrained
     mean_before = sum(before) / len(before)
     echo(f"select recipe: base student, validation gold NLL {mean_before:.4f}")
@@ -92,5 +93,5 @@ def select_recipe(p: dict, root: Path, strategy: str, echo: Callable[[str], None
     decision = (f"Recipe: `{chosen['optimizer']}`, lr {_fmt_lr(chosen['lr'])}, {chosen['epochs']} epoch(s): the lowest "
                 f"validation gold NLL among the one-epoch candidates; {why}.")
     raw = {f"{r['optimizer']}|{r['lr']}|{r['epochs']}": r["nll"] for r in results}
-    sel = _update(root, p.get("profile"), len(rows), "recipe", block, decision, raw={**raw, "before": before})
+    sel = _update(root, c.profile, len(rows), "recipe", block, decision, raw={**raw, "before": before})
     return sel | {"best": {"optimizer": chosen["optimizer"], "lr": chosen["lr"], "epochs": chosen["epochs"]}}

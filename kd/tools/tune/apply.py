@@ -19,7 +19,7 @@ def apply_best(root: Path = Path("."), params_path: str = "params.yaml") -> dict
     the result is validated before it replaces the file. Returns {dotted key: (old, new)}."""
     from ruamel.yaml import YAML
 
-    from kd.config.params import load_params, validate
+    from kd.config.params import load_config, validate
 
     root = Path(root)
     mpath = root / METRICS
@@ -32,7 +32,7 @@ def apply_best(root: Path = Path("."), params_path: str = "params.yaml") -> dict
     if unknown:
         raise KdError(f"{METRICS}: unknown parameter {unknown[0]!r} (allowed: {', '.join(PARAM_KEYS)})")
     path = root / params_path
-    load_params(path, root=root)  # the strict reader first (no anchors, duplicate keys, oversized files)
+    load_config(path, root=root)  # the strict reader first (no anchors, duplicate keys, oversized files)
     rt = YAML(typ="rt")  # round-trip (safe: builds only plain mappings/lists/scalars): comments, order, flow lists kept
     rt.preserve_quotes = True
     rt.width = 4096

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from kd.core.io import read_jsonl, write_json, write_text
 from kd.tools.tune.storage import redact
+
+if TYPE_CHECKING:
+    from kd.config.params import Params
 
 PAPER = {"alpha": 0.6093348343631224, "temperature": 5.942267335064758, "trials": 35,
          "note": "Optuna TPE, 35 trials, on the GSM8K test split, another model pair"}
@@ -20,17 +23,17 @@ def objective_label(objective: str) -> str:
     return "validation error (1 - strict accuracy)" if objective == "accuracy" else "validation gold NLL/token"
 
 
-def summarise_study(study, p: dict) -> dict:
+def summarise_study(study, c: Params) -> dict:
     from optuna.trial import TrialState
 
     all_trials = study.get_trials(deepcopy=False)
     count = {s.name.lower(): sum(tr.state == s for tr in all_trials) for s in TrialState}
     complete = [tr for tr in all_trials if tr.state == TrialState.COMPLETE]
-    out = {"study": study.study_name, "storage": redact(p["tune"]["storage"]), "objective": p["tune"]["objective"],
-           "objective_meaning": objective_label(p["tune"]["objective"]) + " (minimised)",
-           "strategy": p["tune"]["strategy"], "profile": p["profile"], "split": "validation",
+    out = {"study": study.study_name, "storage": redact(c.tune.storage), "objective": c.tune.objective,
+           "objective_meaning": objective_label(c.tune.objective) + " (minimised)",
+           "strategy": c.tune.strategy, "profile": c.profile, "split": "validation",
            "validation_questions": None, "trials": count,
-           "space": p["tune"]["space"], "paper": PAPER}
+           "space": c.tune.space.model_dump(), "paper": PAPER}
     seconds = [tr.user_attrs["seconds"] for tr in complete if "seconds" in tr.user_attrs]
     out["seconds_per_trial"] = sum(seconds) / len(seconds) if seconds else None
     if complete:
@@ -41,11 +44,11 @@ def summarise_study(study, p: dict) -> dict:
     return out
 
 
-def write_results(study, p: dict, root: Path = Path("."), echo: Callable[[str], None] = print) -> dict:
+def write_results(study, c: Params, root: Path = Path("."), echo: Callable[[str], None] = print) -> dict:
     root = Path(root)
-    summary = summarise_study(study, p)
+    summary = summarise_study(study, c)
     summary["validation_questions"] = len(read_jsonl(root / "data/prepared/validation.jsonl"))
-    plots = write_plots(study, root / REPORT_DIR, p["seed"])
+    plots = write_plots(study, root / REPORT_DIR, c.seed)
     summary["plots"] = [str(REPORT_DIR / name) for name in plots]
     write_json(root / METRICS, summary)
     write_text(root / REPORT_DIR / "index.md", markdown(summary))

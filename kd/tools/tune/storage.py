@@ -6,13 +6,17 @@ from __future__ import annotations
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kd.core.errors import KdError
 
+if TYPE_CHECKING:
+    from kd.config.params import Params
 
-def study_name(p: dict) -> str:
-    t = p["tune"]
-    return t["study"] or f"{p['profile'] or 'custom'}-{t['strategy']}-{t['objective']}"
+
+def study_name(c: Params) -> str:
+    t = c.tune
+    return t.study or f"{c.profile or 'custom'}-{t.strategy}-{t.objective}"
 
 
 def open_storage(url: str, heartbeat: int, root: Path = Path(".")):
@@ -68,19 +72,19 @@ def redact(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def load_study(p: dict, root: Path = Path(".")):
+def load_study(c: Params, root: Path = Path(".")):
     """Create or join the study (the TPE sampler is seeded per trial: see `seed_sampler`)."""
     import optuna
 
-    t = p["tune"]
-    storage = open_storage(t["storage"], t["heartbeat"], root)
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=t["pruner"]["startup_trials"],
-                                         n_warmup_steps=t["pruner"]["warmup_steps"])
-    name = study_name(p)
+    t = c.tune
+    storage = open_storage(t.storage, t.heartbeat, root)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=t.pruner.startup_trials,
+                                         n_warmup_steps=t.pruner.warmup_steps)
+    name = study_name(c)
     study = optuna.create_study(storage=storage, study_name=name, direction="minimize", load_if_exists=True,
                                 pruner=pruner)
-    study.sampler = optuna.samplers.TPESampler(seed=p["seed"])
-    study.set_user_attr("objective", t["objective"])
+    study.sampler = optuna.samplers.TPESampler(seed=c.seed)
+    study.set_user_attr("objective", t.objective)
     return study
 
 

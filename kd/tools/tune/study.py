@@ -25,36 +25,39 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from kd.tools.tune.results import objective_label, write_results
 from kd.tools.tune.storage import finished, load_study, redact
 from kd.tools.tune.trials import Trials
 
+if TYPE_CHECKING:
+    from kd.config.params import Params
 
-def run_study(p: dict, root: Path = Path("."), *, n_trials: int | None = None, timeout: int | None = None,
+
+def run_study(c: Params, root: Path = Path("."), *, n_trials: int | None = None, timeout: int | None = None,
               echo: Callable[[str], None] = print) -> dict:
     """Run (or resume, or join) the study until it holds `n_trials` finished trials; then write the results."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own progress line per trial instead
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-    t = p["tune"]
-    n_total = n_trials or t["n_trials"]
-    timeout = timeout if timeout is not None else t["timeout"]
-    trials = Trials(p, root)  # every artefact check before the database is touched
-    study = load_study(p, root)
+    t = c.tune
+    n_total = n_trials or t.n_trials
+    timeout = timeout if timeout is not None else t.timeout
+    trials = Trials(c, root)  # every artefact check before the database is touched
+    study = load_study(c, root)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)  # a killed trial is failed and re-queued before counting
     done = len(finished(study))
     left = max(n_total - done, 0)
-    echo(f"study {study.study_name} in {redact(t['storage'])}: {done} finished trial(s), {left} to run to "
-         f"{n_total}; objective: {objective_label(t['objective'])}; strategy {t['strategy']}; "
-         f"{len(trials.examples)} training examples x {p['distill']['epochs']} epoch(s), "
+    echo(f"study {study.study_name} in {redact(t.storage)}: {done} finished trial(s), {left} to run to "
+         f"{n_total}; objective: {objective_label(t.objective)}; strategy {t.strategy}; "
+         f"{len(trials.examples)} training examples x {c.distill.epochs} epoch(s), "
          f"{len(trials.val_rows)} validation questions")
     if left:
-        per_trial, how = expected_trial_seconds(study, trials, t["objective"])
+        per_trial, how = expected_trial_seconds(study, trials, t.objective)
         echo(f"expected wall time: {left} trial(s) x {per_trial:.0f} s = {fmt_seconds(left * per_trial)} ({how}; "
              f"pruned trials are cheaper; {'timeout ' + str(timeout) + ' s' if timeout else 'no timeout'})")
         from optuna.study import MaxTrialsCallback
@@ -63,7 +66,7 @@ def run_study(p: dict, root: Path = Path("."), *, n_trials: int | None = None, t
         # n_trials bounds this process; MaxTrialsCallback stops it when other processes finished the rest
         study.optimize(trials.objective(echo, n_total), n_trials=left, timeout=timeout, gc_after_trial=True,
                        callbacks=[MaxTrialsCallback(n_total, states=(TrialState.COMPLETE, TrialState.PRUNED))])
-    return write_results(study, p, root, echo)
+    return write_results(study, c, root, echo)
 
 
 def expected_trial_seconds(study, trials: Trials, objective: str) -> tuple[float, str]:
@@ -74,7 +77,7 @@ def expected_trial_seconds(study, trials: Trials, objective: str) -> tuple[float
     if past:
         return sum(past) / len(past), f"mean of {len(past)} finished trial(s)"
     c = trials.calibrate()
-    n_reports = trials.steps // trials.p["tune"]["report_every"] + (trials.steps % trials.p["tune"]["report_every"] > 0)
+    n_reports = trials.steps // trials.c.tune.report_every + (trials.steps % trials.c.tune.report_every > 0)
     est = trials.steps * c["step_s"] + n_reports * c["nll_s"]
     how = (f"calibrated: {trials.steps} steps x {c['step_s']:.2f} s + {n_reports} validation NLL passes x "
            f"{c['nll_s']:.2f} s")

@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-from kd.config.params import parse
+from kd.config.params import Params
 from kd.core.errors import KdError
 from kd.core.io import read_jsonl
 from kd.tools.tune.results import objective_label
@@ -29,15 +29,15 @@ def seed_sampler(trial, seed: int) -> None:
     trial.study.sampler = optuna.samplers.TPESampler(seed=(seed + trial.number) % 2**32)  # numpy's range
 
 
-def suggest(trial, p: dict) -> dict:
-    seed_sampler(trial, p["seed"])
-    space = p["tune"]["space"]
-    values = {"alpha": trial.suggest_float("alpha", *space["alpha"]),
-              "temperature": trial.suggest_float("temperature", *space["temperature"], log=True)}
-    if space["lr"] is not None:
-        values["lr"] = trial.suggest_float("lr", *space["lr"], log=True)
-    if space["lora_r"] is not None:
-        values["lora_r"] = trial.suggest_categorical("lora_r", space["lora_r"])
+def suggest(trial, c: Params) -> dict:
+    seed_sampler(trial, c.seed)
+    space = c.tune.space
+    values = {"alpha": trial.suggest_float("alpha", *space.alpha),
+              "temperature": trial.suggest_float("temperature", *space.temperature, log=True)}
+    if space.lr is not None:
+        values["lr"] = trial.suggest_float("lr", *space.lr, log=True)
+    if space.lora_r is not None:
+        values["lora_r"] = trial.suggest_categorical("lora_r", space.lora_r)
     return values
 
 
@@ -45,23 +45,23 @@ class Trials:
     """What every trial shares, loaded once per process: tokenizer, teacher signal, training examples, validation
     rows (kd.train.inputs, as distill@<strategy> reads them)."""
 
-    def __init__(self, p: dict, root: Path = Path(".")):
+    def __init__(self, c: Params, root: Path = Path(".")):
         from kd.data.prompting import check_context
         from kd.train.inputs import load_kd_inputs
 
-        self.p, self.root = p, Path(root)
-        t, s, d = p["tune"], p["student"], p["distill"]
+        self.c, self.root = c, Path(root)
+        t, s, d = c.tune, c.student, c.distill
         self.val_rows = read_jsonl(self.root / "data/prepared/validation.jsonl")
         if not self.val_rows:
             raise KdError("prepare.validation_size is 0: nothing to tune on (raise it and `dvc repro prepare`)")
-        self.inputs = load_kd_inputs(self.root, t["strategy"], s["trust_remote_code"])
+        self.inputs = load_kd_inputs(self.root, t.strategy, s.trust_remote_code)
         self.vocab, self.tok = self.inputs.vocab, self.inputs.tokenizer
-        check_context(parse(p), self.root, {"student": self.tok}, uses=("distill",))  # as distill@*: before any weights
-        _, self.examples, _ = self.inputs.examples(d["response_filter"], p["prompting"]["instruction"],
-                                                   d["max_length"], d["hard_target"])
+        check_context(c, self.root, {"student": self.tok}, uses=("distill",))  # as distill@*: before any weights
+        _, self.examples, _ = self.inputs.examples(d.response_filter, c.prompting.instruction,
+                                                   d.max_length, d.hard_target)
         if not self.examples:
             raise KdError("kd tune: no training examples (see distill.max_length and distill.response_filter)")
-        self.steps = p["distill"]["epochs"] * len(self.examples)
+        self.steps = c.distill.epochs * len(self.examples)
 
     def run(self, values: dict):
         """distill@<tune.strategy>'s student run with the trial's values (alpha, temperature, lr, lora_r)."""
@@ -69,19 +69,16 @@ class Trials:
 
         from kd.train.run import StudentRun
 
-        base = StudentRun.of(self.p, self.root)
-        cfg = dict(base.cfg)
-        if "lr" in values:  # searched (tune.space.lr not null); otherwise distill.lr as params hold it
-            cfg["lr"] = values["lr"]
-        if "lora_r" in values:
-            cfg["lora"] = {**cfg["lora"], "r": values["lora_r"]}
-        return replace(base, cfg=cfg, alpha=values["alpha"], temperature=values["temperature"])
+        # lr and lora_r only when searched (tune.space.lr / lora_r not null); otherwise as params hold them
+        searched = {k: values[k] for k in ("lr", "lora_r") if k in values}
+        run = StudentRun.of(self.c, self.root).varied(**searched)
+        return replace(run, alpha=values["alpha"], temperature=values["temperature"])
 
     def nll(self, model) -> float:
         from kd.train.distill import gold_nll
 
-        per_q = gold_nll(model, self.tok, self.val_rows, self.p["prompting"]["instruction"],
-                         self.p["distill"]["max_length"])
+        per_q = gold_nll(model, self.tok, self.val_rows, self.c.prompting.instruction,
+                         self.c.distill.max_length)
         return sum(per_q) / len(per_q)
 
     def student(self, values: dict):
@@ -92,11 +89,12 @@ class Trials:
         from kd.eval.evaluate import ModelSpec, evaluate_docs
         from kd.train.run import save_adapter
 
-        s = self.p["student"]
+        s = self.c.student
         save_adapter(model, work / "adapter")
-        spec = ModelSpec("kd-tune", self.root / "models/student", work / "adapter", s["dtype"],
-                         s["trust_remote_code"], "task", s["quantization"])
-        _, m = evaluate_docs(spec, self.val_rows, parse({**self.p, "eval": {**self.p["eval"], "limit": None}}))
+        spec = ModelSpec("kd-tune", self.root / "models/student", work / "adapter", s.dtype,
+                         s.trust_remote_code, "task", s.quantization)
+        every_question = self.c.model_copy(update={"eval": self.c.eval.model_copy(update={"limit": None})})
+        _, m = evaluate_docs(spec, self.val_rows, every_question)
         return m
 
     def train(self, model, values: dict, on_step: Callable[[int, dict], None], work: Path) -> None:
@@ -112,12 +110,12 @@ class Trials:
         model = self.student(values)
         from kd.train.distill import example_loss
 
-        d = self.p["distill"]
+        d = self.c.distill
         t_step, t_nll = [], []
         for ex in self.examples[:2]:  # the first call of each pays one-off costs: keep the faster
             t0 = time.perf_counter()
-            losses = example_loss(model, ex, self.inputs.teacher_for(ex.id), 0.5, 2.0, d["loss"],
-                                  d["hard_target"], d["kd_chunk"], self.vocab["kd_width"])
+            losses = example_loss(model, ex, self.inputs.teacher_for(ex.id), 0.5, 2.0, d.loss,
+                                  d.hard_target, d.kd_chunk, self.vocab["kd_width"])
             losses["loss"].backward()
             t_step.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
@@ -128,11 +126,11 @@ class Trials:
     def objective(self, echo: Callable[[str], None], n_total: int) -> Callable:
         import optuna
 
-        every, objective = self.p["tune"]["report_every"], self.p["tune"]["objective"]
+        every, objective = self.c.tune.report_every, self.c.tune.objective
 
         def run(trial: optuna.Trial) -> float:
             t0 = time.perf_counter()
-            values = suggest(trial, self.p)
+            values = suggest(trial, self.c)
             trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
