@@ -255,12 +255,15 @@ def test_folder_with_pickle_weights_only_is_refused(tiny_models, tmp_path):
 
 
 def test_report_states_whether_remote_code_ran():
+    from kd.config.params import parse
+    from kd.config.profiles import load as load_profile
     from kd.report.page import _remote_code
 
-    p = {"teacher": {"trust_remote_code": False}, "student": {"trust_remote_code": False}}
-    assert _remote_code(p).startswith("off")
+    p = load_profile("tiny", ROOT)
+    p["teacher"]["trust_remote_code"] = p["student"]["trust_remote_code"] = False
+    assert _remote_code(parse(p)).startswith("off")
     p["teacher"]["trust_remote_code"] = True
-    assert _remote_code(p).startswith("ON for teacher")
+    assert _remote_code(parse(p)).startswith("ON for teacher")
     # and the report stage re-runs when either flag changes (dvc.yaml)
     report = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["report"]["params"]
     assert "teacher.trust_remote_code" in report and "student" in report
