@@ -11,7 +11,8 @@ from kd.core.entry import run_stage
 from kd.core.io import read_json, read_jsonl
 from kd.harness.stage import Stage
 from kd.models.loading import load_model
-from kd.teacher.signal import SignalJob, check_plain_head, check_responses, record_signal
+from kd.teacher.signal import SignalJob, check_plain_head, record_signal
+from kd.teacher.signal_reader import check_responses
 
 
 @click.command()

@@ -15,8 +15,8 @@ BOOLS = ("correct_strict", "correct_flexible")
 
 
 def question_rows(rows: Sequence[dict]) -> list[dict]:
-    """The per-question rows, derived from the eval stage's samples.jsonl rows (kd.eval.evaluate.rows_from_samples plus
-    response_tokens / truncated): the same rows, without prompt and response."""
+    """The per-question rows, derived from the eval stage's samples.jsonl rows (kd.eval.lm_harness.rows_from_samples
+    plus response_tokens / truncated): the same rows, without prompt and response."""
     return [{"id": r["id"], "gold": r["gold"], "strict": r["pred_strict"], "flexible": r["pred_flexible"],
              "correct_strict": bool(r["correct_strict"]), "correct_flexible": bool(r["correct_flexible"]),
              "tokens": int(r["response_tokens"]), "truncated": bool(r["truncated"])}

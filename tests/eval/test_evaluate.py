@@ -16,6 +16,7 @@ from kd.core.errors import ArtefactError, KdError, ParamError
 from kd.data.answers import parse_gold, score
 from kd.data.prompting import render_question
 from kd.eval import evaluate as ev
+from kd.eval import lm_harness as lh
 from kd.eval.questions import QUESTION_KEYS
 from kd.models.tiny import build_tokenizer, save_tiny
 
@@ -229,7 +230,7 @@ def test_rows_stop_at_im_end_in_a_mixed_batch(tmp_path):
 
 def test_stop_token_ids():
     tok = build_tokenizer()
-    ids = ev.stop_token_ids(tok, ["<|im_end|>", "<|endoftext|>", "</s>", "Question:"])
+    ids = lh.stop_token_ids(tok, ["<|im_end|>", "<|endoftext|>", "</s>", "Question:"])
     assert ids == sorted({tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")})
 
 
@@ -284,7 +285,7 @@ def _known_root(tmp_path):
 
 def _replay(monkeypatch, lm):
     """Every model eval would load answers from `lm` instead (lm-eval still does all the scoring)."""
-    monkeypatch.setattr(ev, "_make_lm", lambda *a, **k: lm)
+    monkeypatch.setattr(ev, "make_lm", lambda *a, **k: lm)
     monkeypatch.setattr(ev, "check_model_files", lambda spec: None)
 
 
@@ -316,26 +317,26 @@ def test_cross_check_fails_loudly(tmp_path):
     responses = _known_root(tmp_path)
     p = _params()
     rows = ev.load_eval_rows(tmp_path / "data" / "prepared" / "eval.jsonl")
-    docs = ev.build_docs(rows, p["prompting"]["instruction"])
-    results = ev.run_lm_eval(ReplayLM(responses), docs, max_new_tokens=8, batch_size=4, limit=None, seed=0)
-    samples = results["samples"][ev.TASK_NAME]
-    task = results["results"][ev.TASK_NAME]
-    out = ev.rows_from_samples(samples)
-    ev.check_against_lm_eval(out, task, len(KNOWN))
+    docs = lh.build_docs(rows, p["prompting"]["instruction"])
+    results = lh.run_lm_eval(ReplayLM(responses), docs, max_new_tokens=8, batch_size=4, limit=None, seed=0)
+    samples = results["samples"][lh.TASK_NAME]
+    task = results["results"][lh.TASK_NAME]
+    out = lh.rows_from_samples(samples)
+    lh.check_against_lm_eval(out, task, len(KNOWN))
     with pytest.raises(KdError, match="reports exact_match,strict-match"):
-        ev.check_against_lm_eval(out, {**task, "exact_match,strict-match": 0.5}, len(KNOWN))
+        lh.check_against_lm_eval(out, {**task, "exact_match,strict-match": 0.5}, len(KNOWN))
     with pytest.raises(KdError, match="expected 8"):
-        ev.check_against_lm_eval(out, task, 8)
+        lh.check_against_lm_eval(out, task, 8)
     with pytest.raises(KdError, match="no sample for filter"):
-        ev.rows_from_samples([s for s in samples if s["filter"] == "strict-match"])
+        lh.rows_from_samples([s for s in samples if s["filter"] == "strict-match"])
     tampered = copy.deepcopy(samples)
     doc0 = tampered[0]["doc"]["id"]
     other = next(x for x in tampered[1:] if x["doc"]["id"] == doc0)
     other["resps"] = [["something else"]]
     with pytest.raises(KdError, match="filters disagree"):
-        ev.rows_from_samples(tampered)
+        lh.rows_from_samples(tampered)
     with pytest.raises(KdError, match="two strict-match samples"):
-        ev.rows_from_samples(samples + [samples[0]])
+        lh.rows_from_samples(samples + [samples[0]])
 
 
 # ------------------------------------------------------------------------------------------- validation
@@ -442,7 +443,7 @@ def test_evaluated_student_is_the_trained_one(tmp_path):
     save_adapter(model, models / "kd-none")
 
     p = _params()
-    lm = ev._make_lm(ev.resolve_model("kd-none", parse(p), models), batch_size=1, device="cpu")
+    lm = lh.make_lm(ev.resolve_model("kd-none", parse(p), models), batch_size=1, device="cpu")
     with torch.no_grad():
         evaluated = lm.model(input_ids=x).logits
     assert torch.equal(evaluated, trained)
@@ -478,25 +479,25 @@ def test_our_eval_equals_the_lm_eval_command_line(tmp_path):
     ev.evaluate_model("student", parse(p), root=root, device="cpu")
     ours = {r["id"]: r for r in _read(root / "reports" / "eval" / "student" / "samples.jsonl")}
 
-    task_dir = ev.write_task_dir(ev.build_docs(rows, p["prompting"]["instruction"]), tmp_path / "task", MAX_NEW)
+    task_dir = lh.write_task_dir(lh.build_docs(rows, p["prompting"]["instruction"]), tmp_path / "task", MAX_NEW)
     out = tmp_path / "cli"
     lm_eval_cli = Path(sys.executable).parent / "lm-eval"
     res = subprocess.run([str(lm_eval_cli), "run", "--model", "hf", "--model_args",
-                          f"pretrained={root / 'models' / 'student'}", "dtype=float32", "--tasks", ev.TASK_NAME,
+                          f"pretrained={root / 'models' / 'student'}", "dtype=float32", "--tasks", lh.TASK_NAME,
                           "--include_path", str(task_dir), "--apply_chat_template", "--batch_size", "1",
                           "--log_samples", "--output_path", str(out), "--seed", "0", "--device", "cpu"],
                          capture_output=True, text=True, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
-    samples = [json.loads(line) for f in sorted(out.rglob(f"samples_{ev.TASK_NAME}_*.jsonl"))
+    samples = [json.loads(line) for f in sorted(out.rglob(f"samples_{lh.TASK_NAME}_*.jsonl"))
                for line in f.read_text().splitlines()]
     assert samples, list(out.rglob("*"))
-    theirs = ev.rows_from_samples(samples)
+    theirs = lh.rows_from_samples(samples)
     assert [r["id"] for r in theirs] == sorted(ours)
     for r in theirs:
         o = ours[r["id"]]
         assert (r["response"], r["correct_strict"], r["correct_flexible"]) == \
             (o["response"], o["correct_strict"], o["correct_flexible"]), r["id"]
-    results = json.loads(next(out.rglob("results_*.json")).read_text())["results"][ev.TASK_NAME]
+    results = json.loads(next(out.rglob("results_*.json")).read_text())["results"][lh.TASK_NAME]
     metrics = json.loads((root / "results" / "eval" / "student.json").read_text())
     assert results["exact_match,strict-match"] == metrics["accuracy_strict"]
     assert results["exact_match,flexible-extract"] == metrics["accuracy_flexible"]

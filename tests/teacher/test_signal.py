@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from kd.core.errors import ArtefactError
-from kd.teacher.signal import SignalWriter, TeacherSignal, capture, output_layer, tensor_sha256
+from kd.teacher.signal import SignalWriter, capture, output_layer, tensor_sha256
+from kd.teacher.signal_reader import TeacherSignal
 
 
 @pytest.fixture(scope="module")

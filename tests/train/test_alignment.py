@@ -13,7 +13,8 @@ import torch
 from kd.core.errors import ArtefactError
 from kd.data.prompting import load_strategies
 from kd.teacher.responses import Generation, run_generation
-from kd.teacher.signal import SignalWriter, TeacherSignal, capture, tensor_sha256
+from kd.teacher.signal import SignalWriter, capture, tensor_sha256
+from kd.teacher.signal_reader import TeacherSignal
 from kd.train.distill import build_examples, example_loss
 
 INSTRUCTION = "End with '#### <number>'."
