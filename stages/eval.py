@@ -15,7 +15,7 @@ def main(model):
     from kd.eval.evaluate import resolve_model
     from kd.harness.stage import Stage
 
-    st = Stage("eval", model, kind="arm", allowed=lambda c: arm_names(c.prompting.strategies), key="arm")
+    st = Stage("eval", model, kind="model", allowed=lambda c: arm_names(c.prompting.strategies), key="arm")
     resolve_model(model, st.c)  # a bad name fails here, before torch / lm-eval are imported
     check_context(st.c, ".", uses=("eval",), eval_models=[model])  # before the weights load
 

@@ -111,7 +111,8 @@ INVALIDATION: list[Change] = [
     Change("kd/eval/attention.py", None, ATTN_ALL),
     Change("compute.portable", True, (*S_ALL, "finetune", *EVAL_ALL, *ATTN_ALL),
            why="ISA caps for every stage that runs model math"),
-    Change("kd/core/environment.py", None, (*S_ALL, "finetune", *EVAL_ALL, *ATTN_ALL, "report")),
+    Change("kd/core/environment.py", None, ("prepare", "model@*", *S_ALL, "finetune", *EVAL_ALL, *ATTN_ALL, "report"),
+           why="every stage's frame (kd/harness/stage.py) imports it"),
     Change("kd/core/portable.py", None, (*S_ALL, "finetune", *EVAL_ALL, *ATTN_ALL)),
 ]
 

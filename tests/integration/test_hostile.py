@@ -385,7 +385,7 @@ def test_failed_distill_keeps_the_previous_training_curves(run):
 
     real = kd.train.run.train
 
-    def failing(model, examples, teacher, cfg, alpha, temperature, seed, ckpt, every, on_step, **kw):
+    def failing(model, examples, teacher, recipe, ckpt, on_step, **kw):
         on_step(1, {"loss": 1.0, "ce": 1.0, "kd": 0.0, "lr": 0.1})
         raise KdError("training failed half-way (test)")
 
