@@ -13,7 +13,7 @@ from kd.core.entry import run_stage
 from kd.core.io import read_jsonl
 from kd.harness.stage import Stage
 from kd.models.loading import load_tokenizer
-from kd.train.distill import build_gold_examples
+from kd.train.examples import build_gold_examples
 from kd.train.run import StudentRun, fingerprint, run_training, weights_digest
 
 

@@ -14,93 +14,19 @@ so with the same CE weight (alpha) its gradient is the KD arm's minus the teache
 
 from __future__ import annotations
 
-import json
 import math
-import re
-import sys
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from kd.config.params import RESPONSE_FILTERS, Distill
+from kd.config.params import Distill
 from kd.core.errors import KdError
-from kd.core.io import save_safetensors
-from kd.data.prompting import chat_ids, render_question
+from kd.train.checkpoint import Checkpoint
+from kd.train.examples import Example, build_gold_examples
 from kd.train.loss import combine, response_losses
 from kd.train.qlora import make_optimizer
-from kd.train.sharding import all_reduce_grads, all_reduce_sums, full, is_sharded, like
-
-CALCULATOR = re.compile(r"<<[^>]*>>")
-
-
-@dataclass
-class Example:
-    id: int
-    input_ids: list[int]          # student prompt + response (truncated to max_length)
-    prompt_len: int
-    response_len: int            # response tokens trained on (teacher rows [0, response_len))
-    gold_ids: list[int] = field(default_factory=list)  # student prompt + GSM8K solution (hard_target: gold)
-
-
-def gold_text(answer: str) -> str:
-    """GSM8K's solution without the <<calculator>> annotations, ending with its '#### N' line."""
-    return CALCULATOR.sub("", answer).strip()
-
-
-def build_examples(responses: list[dict], questions: dict[int, dict], tokenizer, instruction: str,
-                   max_length: int, hard_target: str) -> tuple[list[Example], list[int]]:
-    """Examples in integer-id order, and the ids skipped because the prompt alone fills max_length."""
-    examples, skipped = [], []
-    eos = tokenizer.eos_token_id
-    for r in sorted(responses, key=lambda r: r["id"]):
-        q = questions.get(r["id"])
-        if q is None:
-            raise KdError(f"teacher response id {r['id']} has no question in data/prepared/transfer.jsonl")
-        prompt = chat_ids(tokenizer, render_question(q["question"], instruction))
-        room = max_length - len(prompt)
-        if room < 1 or not r["response_ids"]:
-            skipped.append(r["id"])
-            continue
-        resp = r["response_ids"][:room]
-        gold = []
-        if hard_target == "gold":
-            gold = (prompt + tokenizer(gold_text(q["answer"]), add_special_tokens=False)["input_ids"] + [eos])
-            gold = gold[:max_length]
-        examples.append(Example(r["id"], prompt + resp, len(prompt), len(resp), gold))
-    return examples, skipped
-
-
-def select_responses(responses: list[dict], rule: str) -> list[dict]:
-    """Which teacher responses to distill on (`distill.response_filter`): `all`; `finished` (the teacher stopped
-    by itself, not at teacher.max_new_tokens); `correct` (finished and its `#### N` line equals the gold answer:
-    rejection sampling)."""
-    if rule == "all":
-        return list(responses)
-    if rule == "finished":
-        return [r for r in responses if r["finished"]]
-    if rule == "correct":
-        return [r for r in responses if r["finished"] and r["correct_strict"]]
-    raise KdError(f"distill.response_filter: unknown rule {rule!r} (allowed: {', '.join(RESPONSE_FILTERS)})")
-
-
-def build_gold_examples(questions: list[dict], tokenizer, instruction: str,
-                        max_length: int) -> tuple[list[Example], list[int]]:
-    """Examples of GSM8K's gold solutions alone (no teacher involved): the student's prompt followed by the gold
-    solution and eos, for every question, in integer-id order. `gold_ids` holds the same sequence (the CE pass of
-    `hard_target: gold` reads it): the fine-tune control trains on these, validation gold NLL scores them."""
-    examples, skipped = [], []
-    for q in sorted(questions, key=lambda q: q["id"]):
-        prompt = chat_ids(tokenizer, render_question(q["question"], instruction))
-        target = tokenizer(gold_text(q["answer"]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        room = max_length - len(prompt)
-        if room < 1:
-            skipped.append(q["id"])
-            continue
-        target = target[:room]
-        examples.append(Example(q["id"], prompt + target, len(prompt), len(target), prompt + target))
-    return examples, skipped
+from kd.train.sharding import all_reduce_grads, all_reduce_sums, is_sharded
 
 
 def gold_nll(model, tokenizer, rows: list[dict], instruction: str, max_length: int) -> list[float]:
@@ -171,66 +97,6 @@ def example_loss(model, ex: Example, teacher_logits: Callable[[int, int], torch.
     if not torch.is_tensor(kd) or kd.device != ce.device:
         kd = torch.as_tensor(kd, dtype=ce.dtype, device=ce.device)
     return {"loss": combine(ce, kd, alpha, temperature), "ce": ce, "kd": kd}
-
-
-class Checkpoint:
-    """Trainable (LoRA) weights + optimizer state + RNG + step + logged history, as safetensors.
-    Written atomically every `every` steps (distill.checkpoint_every; None: never, for kd tune / kd select's short
-    throw-away runs); a resumed run continues to the same bits as an unbroken one."""
-
-    def __init__(self, path: Path, fingerprint: str, every: int | None = None):
-        self.path, self.fingerprint, self.every = Path(path), fingerprint, every
-
-    def due(self, step: int, total: int) -> bool:
-        return self.every is not None and step % self.every == 0 and step < total
-
-    def save(self, model, optimizer, step: int, history: list[dict], write: bool = True) -> None:
-        """Full tensors (FSDP shards gathered: every process calls this, `write` on one)."""
-        tensors = {f"param/{n}": full(p) for n, p in model.named_parameters() if p.requires_grad}
-        for i, group in enumerate(optimizer.param_groups):
-            for j, p in enumerate(group["params"]):  # SGD's momentum, AdamW8bit's quantized moments, ...
-                for key, v in optimizer.state.get(p, {}).items():
-                    if torch.is_tensor(v):
-                        tensors[f"optim/{i}/{j}/{key}"] = full(v)
-                    else:  # a python number (bitsandbytes' step count): restored as one
-                        tensors[f"optim/{i}/{j}/{key}#number"] = torch.tensor(v)
-        if not write:
-            return
-        tensors["rng/torch"] = torch.get_rng_state()
-        meta = {"fingerprint": self.fingerprint, "step": str(step), "history": json.dumps(history)}
-        save_safetensors(tensors, self.path, metadata=meta)
-
-    def load(self, model, optimizer) -> tuple[int, list[dict]] | None:
-        """Restore if a checkpoint of this exact run exists; returns (step, history) or None."""
-        from safetensors import safe_open
-
-        if not self.path.exists():
-            return None
-        try:
-            with safe_open(str(self.path), framework="pt") as f:
-                meta = f.metadata() or {}
-                if meta.get("fingerprint") != self.fingerprint:
-                    return None
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (OSError, ValueError, RuntimeError) as e:  # safetensors' errors for a torn or garbage file
-            # say so: a silent restart from step 0 would hide a bug in save/load
-            print(f"distill: checkpoint {self.path} is unreadable ({e}); starting from step 0", file=sys.stderr)
-            return None
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for k, v in tensors.items():
-                if k.startswith("param/"):
-                    p = params[k[len("param/"):]]
-                    p.copy_(like(p, v))  # FSDP: this process's shard of it
-        for i, group in enumerate(optimizer.param_groups):
-            for j, p in enumerate(group["params"]):
-                prefix = f"optim/{i}/{j}/"
-                for k in (k for k in tensors if k.startswith(prefix)):
-                    key, v = k[len(prefix):], tensors[k]
-                    optimizer.state[p][key.removesuffix("#number")] = (
-                        v.item() if key.endswith("#number") else like(p, v).clone())
-        torch.set_rng_state(tensors["rng/torch"])
-        return int(meta["step"]), json.loads(meta["history"])
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Any, Callable
 from kd.core.io import read_jsonl
 from kd.models.vocab import check_same_vocab
 from kd.teacher.signal_reader import TeacherSignal
-from kd.train.distill import Example, build_examples, select_responses
+from kd.train.examples import Example, build_examples, select_responses
 
 
 @dataclass

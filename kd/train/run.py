@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Callable
 from kd.config.arms import adapter_name, run_name, trained_by
 from kd.core.errors import KdError
 from kd.core.io import atomic_path, remove_tree, sha256_file, write_json
-from kd.train.distill import Checkpoint, Example, Recipe, summarise, train
+from kd.train.checkpoint import Checkpoint
+from kd.train.distill import Recipe, summarise, train
+from kd.train.examples import Example
 from kd.train.sharding import trainable_state
 
 if TYPE_CHECKING:

@@ -15,7 +15,8 @@ from kd.data.prompting import load_strategies
 from kd.teacher.responses import Generation, run_generation
 from kd.teacher.signal import SignalWriter, capture, tensor_sha256
 from kd.teacher.signal_reader import TeacherSignal
-from kd.train.distill import build_examples, example_loss
+from kd.train.distill import example_loss
+from kd.train.examples import build_examples
 
 INSTRUCTION = "End with '#### <number>'."
 

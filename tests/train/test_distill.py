@@ -5,7 +5,7 @@ import pytest
 from kd.core.errors import KdError
 from kd.data.prompting import chat_ids, render_question
 from kd.models.tiny import build_tokenizer
-from kd.train.distill import build_gold_examples, gold_text, select_responses
+from kd.train.examples import build_gold_examples, gold_text, select_responses
 
 RESPONSES = [
     {"id": 1, "finished": True, "correct_strict": True},
@@ -51,7 +51,8 @@ def test_control_is_the_kd_arm_minus_the_teacher(tmp_path):
 
     from kd.config.params import load_config
     from kd.core.io import read_jsonl
-    from kd.train.distill import build_gold_examples, epoch_order, example_loss, pass_seed
+    from kd.train.distill import epoch_order, example_loss, pass_seed
+    from kd.train.examples import build_gold_examples
     from kd.train.inputs import load_kd_inputs
     from kd.train.qlora import make_optimizer
     from kd.train.run import StudentRun

@@ -101,7 +101,7 @@ def test_adapter_is_evaluated_on_its_4bit_base(qlora):
 
 def test_8bit_optimizer_state_survives_a_checkpoint(tmp_path):
     """AdamW8bit's quantized moments and step count go into the resumable checkpoint and come back exactly."""
-    from kd.train.distill import Checkpoint
+    from kd.train.checkpoint import Checkpoint
     from kd.train.qlora import make_optimizer
 
     torch.manual_seed(0)

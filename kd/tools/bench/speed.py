@@ -196,7 +196,8 @@ def _train_step_child(conn, student_dir, teacher_dir, dtype, variant, seq, resp,
     from peft import LoraConfig, get_peft_model
 
     from kd.models.loading import load_model
-    from kd.train.distill import Example, example_loss
+    from kd.train.distill import example_loss
+    from kd.train.examples import Example
 
     torch.manual_seed(0)
     student = get_peft_model(load_model(student_dir, dtype), LoraConfig(

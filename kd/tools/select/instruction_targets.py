@@ -131,7 +131,8 @@ def select_instruction(c: Params, root: Path, strategies: list[str] | None = Non
 def select_targets(c: Params, root: Path, strategy: str, echo: Callable[[str], None] = print) -> dict:
     from scipy.stats import wilcoxon
 
-    from kd.train.distill import Checkpoint, gold_nll
+    from kd.train.checkpoint import Checkpoint
+    from kd.train.distill import gold_nll
     from kd.train.inputs import load_kd_inputs
     from kd.train.run import StudentRun
 

@@ -36,7 +36,8 @@ def select_recipe(c: Params, root: Path, strategy: str, echo: Callable[[str], No
     from scipy.stats import wilcoxon
 
     from kd.tools.select.instruction_targets import _update
-    from kd.train.distill import Checkpoint, gold_nll
+    from kd.train.checkpoint import Checkpoint
+    from kd.train.distill import gold_nll
     from kd.train.inputs import load_kd_inputs
     from kd.train.run import StudentRun, update_norm_ratio
 

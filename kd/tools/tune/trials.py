@@ -98,7 +98,7 @@ class Trials:
         return m
 
     def train(self, model, values: dict, on_step: Callable[[int, dict], None], work: Path) -> None:
-        from kd.train.distill import Checkpoint
+        from kd.train.checkpoint import Checkpoint
 
         checkpoint = Checkpoint(work / "ckpt.safetensors", "tune")  # never written: a trial is not resumed
         self.run(values).train(model, self.examples, self.inputs.teacher_for, checkpoint, on_step,
