@@ -138,7 +138,9 @@ def context_size(model_dir: str | Path) -> int | None:
         return None
     if not isinstance(cfg, dict):
         return None
-    n = cfg.get("max_position_embeddings", (cfg.get("text_config") or {}).get("max_position_embeddings"))
+    from kd.models.vocab import config_value
+
+    n = config_value(cfg, "max_position_embeddings")
     return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
 

@@ -14,6 +14,7 @@ from kd.core.dtypes import torch_dtype as _torch_dtype
 from kd.core.errors import KdError
 from kd.core.io import sha256_file
 from kd.models.chat_template import check_chat_template
+from kd.models.vocab import config_value
 
 
 def describe_folder(folder: str | Path, trust_remote_code: bool = False) -> dict:
@@ -40,10 +41,9 @@ def describe_folder(folder: str | Path, trust_remote_code: bool = False) -> dict
                       f"use an instruct/chat model)")
     check_chat_template(tok.chat_template, str(folder))  # bounded: a hostile template stops here, at the model stage
     files = {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
-    text_config = config.get("text_config") or {}
     return {
         "parameters": params,
-        "vocab_size": config.get("vocab_size", text_config.get("vocab_size")),
+        "vocab_size": config_value(config, "vocab_size"),
         "tokenizer_size": len(tok),
         "architecture": (config.get("architectures") or [None])[0],
         "files": files,

@@ -18,6 +18,16 @@ _PROBE = ("<|im_start|>user\nNatalia sold clips to 48 of her friends in April, a
 _PLACEHOLDER = re.compile(r"\[PAD(\d+)\]")
 
 
+def config_value(cfg: dict, key: str):
+    """A model config.json's `key`: at the top level, else (a multimodal config) under `text_config`; None where
+    neither has it. The one place that knows where a config keeps its text model's sizes."""
+    text = cfg["text_config"] if isinstance(cfg.get("text_config"), dict) else {}
+    for c in (cfg, text):
+        if key in c:
+            return c[key]
+    return None
+
+
 def _real_vocab(vocab: dict[str, int]) -> dict[str, int]:
     """get_vocab() without llama.cpp's `[PAD<id>]` placeholders (GGUFs pad the token list up to the logits width;
     the hub tokenizer of the same model has no such entries). They stand for no text and no tokenizer emits them."""
@@ -51,7 +61,7 @@ def check_same_vocab(teacher_dir: str | Path, student_dir: str | Path, trust_rem
         if not (d / "config.json").is_file():
             raise KdError(f"{d}: not a model folder (no config.json); materialise the {role} first")
         cfg = json.loads((d / "config.json").read_text(encoding="utf-8"))
-        widths[role] = cfg.get("vocab_size", (cfg.get("text_config") or {}).get("vocab_size"))
+        widths[role] = config_value(cfg, "vocab_size")
         toks[role] = AutoTokenizer.from_pretrained(str(d), trust_remote_code=trust_remote_code)
     t, s = toks["teacher"], toks["student"]
     where = f"teacher {dirs['teacher']} vs student {dirs['student']}"
