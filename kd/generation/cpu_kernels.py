@@ -15,9 +15,11 @@ on its own, so a prefill's shapes are the prompt's own):
   (`torch.ops.mkldnn._reorder_linear_weight` / `_linear_pointwise`, what inductor's freezing uses; it also saves
   oneDNN's re-packing of every weight on every call; on a CPU without oneDNN's bf16 support, e.g. AVX2 only, the
   same fixed blocks go through F.linear). The padding costs compute: a step of 16 rows does the
-  work of 32 (`kd bench` item 7 gives the net cost against the previous decoder). peft's float32 LoRA layers are
-  small: each row is one multiply and a sum. Large float32 weights (compute.portable) stay on MKL and are *not*
-  batch-invariant.
+  work of 32 (`kd bench` item 7 gives the net cost against the previous decoder). Large float32 weights (the cpu
+  profile's dtype) run F.linear on the same fixed blocks: MKL's float32 product of a row changes with the row count
+  too (measured on the 1.5B teacher's projections, 2-core AVX2 AMD EPYC: at 1-3, 5-7 and 9-11 rows against 32;
+  at 1-3 under compute.portable's caps), and within a block of 32, measured, not with the row's position or the
+  other rows' values. peft's float32 LoRA layers are small: each row is one multiply and a sum.
 - Attention (`grouped_query_attention`, registered as "kd_gqa"): a decode step attends over a left-padded cache
   whose width depends on the other rows. Here each row attends over exactly its own keys (its mask's valid
   columns, a contiguous suffix), in float32 (what SDPA accumulates in), each key/value head serving its group of
@@ -145,8 +147,8 @@ def row_invariant_linears(model: nn.Module):
     """Every CPU nn.Linear of `model` whose per-row result can be made independent of the row count: in a decode
     step ([B, 1, in]) a bf16 weight, packed once by oneDNN for ROWS rows, runs on blocks of exactly ROWS rows
     (zero-padded); a small weight (a LoRA A or B: a side of at most SMALL) computes each row as one multiply and a
-    sum. Other inputs (a prefill: one prompt's own rows) run as they are. Large float32 weights are left to MKL,
-    whose per-row result depends on the row count."""
+    sum; a large float32 weight runs F.linear on the same blocks of ROWS rows. Other inputs (a prefill: one prompt's
+    own rows) run as they are."""
     def make(mod):
         w, bias = mod.weight, mod.bias
         if w.dtype == torch.bfloat16 and _packable():
@@ -154,7 +156,8 @@ def row_invariant_linears(model: nn.Module):
 
             def mm(a):
                 return torch.ops.mkldnn._linear_pointwise(a, packed, bias, "none", [], "")
-        elif w.dtype == torch.bfloat16 and min(w.shape) > SMALL:  # no oneDNN bf16 here (AVX2): the same fixed blocks
+        elif w.dtype in (torch.bfloat16, torch.float32) and min(w.shape) > SMALL:
+            # bf16 without oneDNN's bf16 support (AVX2), or float32 (MKL): F.linear on the same fixed blocks
             def mm(a):
                 return F.linear(a, w, bias)
         elif min(w.shape) <= SMALL:

@@ -199,10 +199,12 @@ def invalidation_table(write):
 @click.option("--no-train", is_flag=True, help="Skip items 3-4 (training steps).")
 @click.option("--no-growth", is_flag=True, help="Skip item 6 (time at 1x and 4x the questions).")
 @click.option("--only-invariance", is_flag=True, help="Only item 7 (batch invariance and its cost).")
+@click.option("--only-dtypes", is_flag=True, help="Only item 8 (bf16 vs float32 matmul speed at the models' shapes; "
+                                                  "seconds, no weights loaded).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch threads (default: torch's own). On a machine shared with other work, 1 avoids "
                    "threads spinning against each other (measured 10x slower decoding at 2 threads under load).")
-def bench(size, models_dir, dtype, out, no_train, no_growth, only_invariance, threads):
+def bench(size, models_dir, dtype, out, no_train, no_growth, only_invariance, only_dtypes, threads):
     """Speed ratios measured side by side (decoder, training step, dvc); writes --out and prints a table."""
     import tempfile
 
@@ -214,6 +216,16 @@ def bench(size, models_dir, dtype, out, no_train, no_growth, only_invariance, th
         torch.set_num_threads(threads)
     root = Path.cwd()
     real = Path(models_dir) if models_dir else root / "models"
+    if only_dtypes:
+        from kd.core.io import write_json
+        from kd.tools.bench.dtypes import bench_dtypes, table_rows
+
+        result = bench_dtypes(real)
+        write_json(Path(out), result)
+        click.echo("\n".join(["| item | figure | teacher | student | target |", "|---|---|---|---|---|",
+                              *table_rows(result)]))
+        click.echo(f"wrote {out}")
+        return
     if size is None:
         size = "real" if (real / "teacher" / "config.json").exists() and (real / "student").exists() else "tiny"
     with tempfile.TemporaryDirectory(prefix="kd-bench-") as tmp:

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from kd.generation import cpu_kernels
-from kd.generation.cpu_kernels import GQA, SMALL, decoding_kernels, grouped_query_attention, row_invariant_linears
+from kd.generation.cpu_kernels import GQA, decoding_kernels, grouped_query_attention, row_invariant_linears
 from kd.generation.decode import greedy_decode
 
 
@@ -41,8 +41,9 @@ def test_a_rows_bits_do_not_depend_on_its_batch(tiny_models, dtype, onednn, monk
     """What batch-invariant decoding rests on, for every Linear shape of both tiny models plus LoRA-sized and
     real-model-sized ones: under row_invariant_linears a decode step's row gets the same bits whatever the row count
     (1 to 40), the other rows' values and its position (bf16: blocks of exactly ROWS rows on a weight packed for
-    them; small float32: one multiply and a sum per row). Without the blocks, (1536, 8960) differs at 16 rows and
-    (896, 4864) from 33. no-onednn-bf16: a CPU without oneDNN's bf16 (AVX2 only, e.g. AMD EPYC), where packing
+    them, or F.linear on such blocks; small float32: one multiply and a sum per row). Without the blocks, bf16
+    (1536, 8960) differs at 16 rows and (896, 4864) from 33; float32 (MKL) at 1-3 rows against 4 or more.
+    no-onednn-bf16: a CPU without oneDNN's bf16 (AVX2 only, e.g. AMD EPYC), where packing
     raises: the same fixed blocks through F.linear."""
     if onednn and not cpu_kernels._packable():
         pytest.skip("oneDNN bf16 packing needs AVX512-BW/VL/DQ or AVX-NE-CONVERT; this CPU has neither")
@@ -50,8 +51,6 @@ def test_a_rows_bits_do_not_depend_on_its_batch(tiny_models, dtype, onednn, monk
         monkeypatch.setattr(cpu_kernels, "_packable", lambda: False)
     shapes = set(_shapes(tiny_models / "teacher")) | set(_shapes(tiny_models / "student"))
     shapes |= {(4, 896), (896, 4), (896, 896), (4864, 896), (896, 4864), (1536, 8960)}  # LoRA, 0.5B, 1.5B
-    if dtype == torch.float32:
-        shapes = {s for s in shapes if min(s) <= SMALL}  # large float32 weights stay on MKL (not invariant)
     g = torch.Generator().manual_seed(0)
     for out_f, in_f in sorted(shapes):
         lin = torch.nn.Linear(in_f, out_f, bias=True).to(dtype)

@@ -127,8 +127,8 @@ def test_two_runs_byte_identical_bf16(tiny_models):
     assert runs[0] == runs[1]
 
 
-def _wide_bf16():
-    """A random bf16 Qwen2 wide enough (hidden 512) for the batch effects of real models to show, with logits flat
+def _wide(dtype=torch.bfloat16):
+    """A random Qwen2 wide enough (hidden 512) for the batch effects of real models to show, with logits flat
     enough (init 0.02) that a last-bit difference flips a greedy argmax: on the decoder before issue 19, 3 of 12
     rows changed between batch 1 and 4, and 2 of 5 with fewer questions decoded. The tiny models do not show it."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -137,16 +137,17 @@ def _wide_bf16():
     cfg = Qwen2Config(vocab_size=300, hidden_size=512, intermediate_size=1536, num_hidden_layers=2,
                       num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
                       tie_word_embeddings=False, initializer_range=0.02)
-    return Qwen2ForCausalLM(cfg).to(torch.bfloat16).eval()
+    return Qwen2ForCausalLM(cfg).to(dtype).eval()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("adapter", [False, True])
-def test_batch_invariant_in_bf16(adapter):
-    """Issue 19: in bf16 (the models' dtype by default) a question's tokens do not depend on which questions share
+def test_batch_invariant(adapter, dtype):
+    """Issue 19: in bf16 (base.yaml's dtype) and float32 (the cpu profile's) a question's tokens do not depend on which questions share
     its batch, on the batch size, or on how many questions are decoded (`eval.limit`): batch 1 == batch 4 (the
     tiny teacher stage's) == batch 8 (eval's) == the first 5 questions alone. With an unmerged LoRA adapter too
     (its float32 layers take the row-by-row path)."""
-    model = _wide_bf16()
+    model = _wide(dtype)
     if adapter:
         from peft import LoraConfig, get_peft_model
 

@@ -59,3 +59,32 @@ def test_growth_smoke(tiny_models):
                   "dvc": {"status_seconds": 1.0}})
     row = next(line for line in text.splitlines() if "| 6 | teacher generation: 2 -> 8 questions" in line)
     assert f"{g['seconds'][0]:.1f} -> {g['seconds'][1]:.1f} s" in row and f"| {g['exponent']:.2f} |" in row, row
+
+
+def test_dtypes_item_is_the_quotient_of_its_rates(tmp_path):
+    """Item 8 at small shapes read from the folders' config.json: each ratio is bf16's GFLOP/s over float32's, the
+    rates follow the shapes' FLOP count, and the table prints every ratio once under the right model."""
+    import json
+
+    from kd.tools.bench.dtypes import bench_dtypes, mlp_shapes, table_rows
+
+    for role, (h, i) in {"teacher": (48, 96), "student": (32, 64)}.items():
+        (tmp_path / role).mkdir()
+        (tmp_path / role / "config.json").write_text(json.dumps({"hidden_size": h, "intermediate_size": i}))
+    assert mlp_shapes(tmp_path) == {"teacher": (48, 96), "student": (32, 64)}
+    r = bench_dtypes(tmp_path, decode_rows=4, train_rows=8, repeats=1)
+    items = r["8_dtypes"]
+    assert [(x["role"], x["op"], x["rows"]) for x in items] == [
+        ("teacher", "forward", 4), ("teacher", "forward", 8), ("student", "forward", 4), ("student", "forward", 8),
+        ("student", "grad_input", 8)]
+    for x in items:
+        g = x["gflops"]
+        assert g["bfloat16"] > 0 and g["float32"] > 0
+        assert math.isclose(x["bf16_over_float32"], g["bfloat16"] / g["float32"], rel_tol=1e-12)
+    rows = table_rows(r)
+    assert len(rows) == 3
+    fwd8 = next(line for line in rows if "forward matmul, 8 rows" in line)
+    cells = [c.strip() for c in fwd8.split("|")]
+    assert cells[3] == f"{items[1]['bf16_over_float32']:.2f}x" and cells[4] == f"{items[3]['bf16_over_float32']:.2f}x"
+    grad = next(line for line in rows if "grad-input" in line)
+    assert [c.strip() for c in grad.split("|")][3] == ""  # the teacher never trains

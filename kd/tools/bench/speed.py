@@ -8,7 +8,8 @@ teacher stage (continuous-batching generation at the teacher's batch), of eval (
 eval batch) and of distill (training steps) at 1x and 4x the question count, as the exponent of t ~ n^k. Item 7
 (issue 19): batch invariance, the decoder's tokens at the stage's batch against batch 1 and against fewer prompts
 (`eval.limit`), for `compute.decode: invariant` (the default) and `batched` (the decoder before it), and the cost
-of the invariant one (its tokens/s over the batched one's, same prompts, alternately). Each pair runs
+of the invariant one (its tokens/s over the batched one's, same prompts, alternately). Item 8: bf16 against
+float32 matmul speed at the models' shapes (kd/tools/bench/dtypes.py). Each pair runs
 alternately, `repeats` times, best time kept. Model loading and process start (a few seconds a stage) are not in
 item 6.
 """
@@ -343,6 +344,10 @@ def run_bench(models_dir: Path, size: str, dtype: str, root: Path, out: Path, tr
             result["training"]["6_growth"] = bench_growth_training(
                 models_dir / "student", models_dir / "teacher", dtype, seq=cfg["seq"], resp=cfg["resp"],
                 steps=cfg["steps"])
+    log("bench: bf16 vs float32 matmuls")
+    from kd.tools.bench.dtypes import bench_dtypes
+
+    result["8_dtypes"] = bench_dtypes(models_dir)["8_dtypes"]
     log("bench: dvc")
     result["dvc"] = bench_dvc(root)
     write_json(out, result)
@@ -385,6 +390,10 @@ def table(r: dict) -> str:
                          + cells(lambda v: f"{v[mode]['rows_equal_to_batch1']}/{v['batch1_rows']}; "
                                            f"{v[mode]['rows_equal_with_fewer_prompts']}/{v['limit_rows']}")
                          + (" | all |" if mode == "invariant" else " | |"))
+    if "8_dtypes" in r:
+        from kd.tools.bench.dtypes import table_rows
+
+        lines.extend(table_rows(r))
     d = r["dvc"]
     for name, g in (("teacher generation", t.get("6_growth")), ("eval generation (student)", s.get("6_growth")),
                     ("distill steps", r.get("training", {}).get("6_growth"))):
