@@ -194,7 +194,8 @@ def invalidation_table(write):
                    "models/student. Default: real if those folders exist, else tiny.")
 @click.option("--models", "models_dir", type=click.Path(file_okay=False), default=None,
               help="Folder holding teacher/ and student/ (implies the real sizes unless --profile tiny).")
-@click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True)
+@click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default=None,
+              help="Default: params.yaml's student.dtype (float32 in the cpu profile), else bfloat16.")
 @click.option("--out", type=click.Path(dir_okay=False), default="reports/bench.json", show_default=True)
 @click.option("--no-train", is_flag=True, help="Skip items 3-4 (training steps).")
 @click.option("--no-growth", is_flag=True, help="Skip item 6 (time at 1x and 4x the questions).")
@@ -216,6 +217,12 @@ def bench(size, models_dir, dtype, out, no_train, no_growth, only_invariance, on
         torch.set_num_threads(threads)
     root = Path.cwd()
     real = Path(models_dir) if models_dir else root / "models"
+    if dtype is None:  # what the pipeline computes in here
+        from kd.config.params import load_config
+
+        params = root / "params.yaml"
+        dtype = load_config(params, root=root).student.dtype if params.is_file() else "bfloat16"
+        dtype = dtype if dtype in ("bfloat16", "float32") else "bfloat16"
     if only_dtypes:
         from kd.core.io import write_json
         from kd.tools.bench.dtypes import bench_dtypes, table_rows

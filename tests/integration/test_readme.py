@@ -36,6 +36,7 @@ SKIP = {
     "dvc repro logits@none model@student": "runs stages (tests/tools/test_tune.py builds a tiny project in-process)",
     "kd bench": "a benchmark (minutes); tests/tools/test_bench.py runs it on the tiny pair",
     "kd bench --profile tiny --threads 1": "a benchmark (minutes); tests/tools/test_bench.py runs it on the tiny pair",
+    "kd bench --only-dtypes": "a benchmark (a minute at the real shapes); tests/tools/test_bench.py runs item 8 small",
     "kd verify --committed": "re-runs sampled stages of the committed default against its committed outputs (real "
                              "models; tests/integration/test_shared_artefacts.py runs it on a tiny project)",
     "kd tune": "needs teacher signal and student; trains (tests/tools/test_tune.py runs tiny studies)",
