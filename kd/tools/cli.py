@@ -195,7 +195,7 @@ def invalidation_table(write):
 @click.option("--models", "models_dir", type=click.Path(file_okay=False), default=None,
               help="Folder holding teacher/ and student/ (implies the real sizes unless --profile tiny).")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default=None,
-              help="Default: params.yaml's student.dtype (float32 in the cpu profile), else bfloat16.")
+              help="Default: params.yaml's student.dtype (what the pipeline computes in), else bfloat16.")
 @click.option("--out", type=click.Path(dir_okay=False), default="reports/bench.json", show_default=True)
 @click.option("--no-train", is_flag=True, help="Skip items 3-4 (training steps).")
 @click.option("--no-growth", is_flag=True, help="Skip item 6 (time at 1x and 4x the questions).")
