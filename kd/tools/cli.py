@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -207,54 +206,10 @@ def invalidation_table(write):
                    "threads spinning against each other (measured 10x slower decoding at 2 threads under load).")
 def bench(size, models_dir, dtype, out, no_train, no_growth, only_invariance, only_dtypes, threads):
     """Speed ratios measured side by side (decoder, training step, dvc); writes --out and prints a table."""
-    import tempfile
+    from kd.tools.bench.command import run
 
-    import torch
-
-    from kd.tools.bench.speed import run_bench, table
-
-    if threads:
-        torch.set_num_threads(threads)
-    root = Path.cwd()
-    real = Path(models_dir) if models_dir else root / "models"
-    if dtype is None:  # what the pipeline computes in here
-        from kd.config.params import load_config
-
-        params = root / "params.yaml"
-        dtype = load_config(params, root=root).student.dtype if params.is_file() else "bfloat16"
-        dtype = dtype if dtype in ("bfloat16", "float32") else "bfloat16"
-    if only_dtypes:
-        from kd.core.io import write_json
-        from kd.tools.bench.dtypes import bench_dtypes, table_rows
-
-        result = bench_dtypes(real)
-        write_json(Path(out), result)
-        click.echo("\n".join(["| item | figure | teacher | student | target |", "|---|---|---|---|---|",
-                              *table_rows(result)]))
-        click.echo(f"wrote {out}")
-        return
-    if size is None:
-        size = "real" if (real / "teacher" / "config.json").exists() and (real / "student").exists() else "tiny"
-    with tempfile.TemporaryDirectory(prefix="kd-bench-") as tmp:
-        if size == "tiny" and models_dir is None:
-            from kd.models.tiny import save_tiny
-
-            real = Path(tmp)
-            for role in ("teacher", "student"):
-                save_tiny(f"tiny-{role}", real / role)
-        elif not (real / "teacher" / "config.json").exists():
-            raise KdError(f"{real}/teacher: no model folder (run `dvc repro model@teacher` or pass --profile tiny)")
-        if only_invariance:
-            from kd.tools.bench.invariance import run_invariance
-
-            result = run_invariance(real, size, dtype, Path(out), log=lambda m: click.echo(m, err=True))
-            click.echo(json.dumps(result, indent=1))
-            click.echo(f"wrote {out}")
-            return
-        result = run_bench(real, size, dtype, root, Path(out), train=not no_train, growth=not no_growth,
-                           log=lambda m: click.echo(m, err=True))
-    click.echo(table(result))
-    click.echo(f"wrote {out}")
+    run(size, Path(models_dir) if models_dir else None, dtype, Path(out), train=not no_train, growth=not no_growth,
+        only_invariance=only_invariance, only_dtypes=only_dtypes, threads=threads, echo=click.echo)
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

@@ -8,7 +8,8 @@ import re
 import pytest
 import torch
 
-from kd.tools.bench.speed import bench_decoding, bench_growth_decoding, machine, table
+from kd.tools.bench.speed import bench_decoding, bench_growth_decoding, machine
+from kd.tools.bench.table import table
 
 
 def test_bench_decoding_smoke(tiny_models):
@@ -66,7 +67,8 @@ def test_dtypes_item_is_the_quotient_of_its_rates(tmp_path):
     rates follow the shapes' FLOP count, and the table prints every ratio once under the right model."""
     import json
 
-    from kd.tools.bench.dtypes import bench_dtypes, mlp_shapes, table_rows
+    from kd.tools.bench.dtypes import bench_dtypes, mlp_shapes
+    from kd.tools.bench.table import dtype_rows, dtypes_table
 
     for role, (h, i) in {"teacher": (48, 96), "student": (32, 64)}.items():
         (tmp_path / role).mkdir()
@@ -81,7 +83,8 @@ def test_dtypes_item_is_the_quotient_of_its_rates(tmp_path):
         g = x["gflops"]
         assert g["bfloat16"] > 0 and g["float32"] > 0
         assert math.isclose(x["bf16_over_float32"], g["bfloat16"] / g["float32"], rel_tol=1e-12)
-    rows = table_rows(r)
+    rows = dtype_rows(r)
+    assert dtypes_table(r).splitlines()[2:] == rows
     assert len(rows) == 3
     fwd8 = next(line for line in rows if "forward matmul, 8 rows" in line)
     cells = [c.strip() for c in fwd8.split("|")]

@@ -74,16 +74,3 @@ def bench_dtypes(models_dir: Path | None, *, decode_rows: int = 16, train_rows: 
     hidden, inter = shapes["student"]
     items.append({"role": "student", **_pair("grad_input", train_rows, hidden, inter, repeats)})
     return {"machine": machine(), "8_dtypes": items}
-
-
-def table_rows(result: dict) -> list[str]:
-    """Markdown rows for the bench table: one per op and row count, teacher and student columns."""
-    by = {}
-    for it in result["8_dtypes"]:
-        by.setdefault((it["op"], it["rows"]), {})[it["role"]] = it
-    lines = []
-    for (op, rows), cells in by.items():
-        fmt = lambda r: f"{cells[r]['bf16_over_float32']:.2f}x" if r in cells else ""  # noqa: E731
-        lines.append(f"| 8 | bf16 / float32 speed, {op.replace('_', '-')} matmul, {rows} rows | {fmt('teacher')} | "
-                     f"{fmt('student')} | > 1x: bf16 pays here |")
-    return lines
