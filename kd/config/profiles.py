@@ -1,5 +1,8 @@
 """Profiles: profiles/base.yaml holds every params key; profiles/<name>.yaml overrides a few of them.
 
+A profile may start from another one (`extends: cpu`): the parent's overrides apply first, then its own, so a variant
+states only what it changes and cannot drift from the profile it varies (cpu-long is cpu with more eval questions).
+
 `kd profile <name>` writes the merge into params.yaml, comments kept: the base's comments, except that an overridden
 key carries the override's end-of-line comment where it has one, and the page starts with the profile's own header. Nested
 mappings merge key by key; any other value (lists included) is replaced whole. A profile name is a name, never a
@@ -88,16 +91,37 @@ def _merge(base, over, prefix: str, src: str) -> None:
         _comment(over, base, key)
 
 
+def _chain(name: str, root: str | Path) -> list[tuple[str, Any]]:
+    """The profile and the profiles it extends, each (name, overrides without `extends`), the furthest ancestor first."""
+    chain: list[tuple[str, Any]] = []
+    while True:
+        over = _load(path(name, root))
+        if not isinstance(over, dict) or over.get("profile") != name:
+            raise ParamError("profile", f"in profiles/{name}.yaml must be {name!r}")
+        parent = over.pop("extends", None)
+        chain.append((name, over))
+        if parent is None:
+            return chain[::-1]
+        seen = [n for n, _ in chain]
+        if parent in seen or parent == BASE:
+            raise ParamError("extends", f"in profiles/{name}.yaml names {parent!r}: "
+                             + ("the base applies to every profile" if parent == BASE else
+                                "a cycle (" + " -> ".join(seen + [parent]) + ")"),
+                             ", ".join(n for n in names(root) if n not in seen))
+        name = parent  # checked by path(): a listed profile's name, never a path
+
+
 def render(name: str, root: str | Path = ".") -> str:
-    """params.yaml for a profile: the base with the profile's overrides, comments kept."""
-    src = path(name, root)
+    """params.yaml for a profile: the base with the overrides of the profile and of the profiles it extends (furthest
+    first), comments kept."""
+    chain = _chain(name, root)
     base = _load(Path(root) / "profiles" / f"{BASE}.yaml")
-    over = _load(src)
-    if not isinstance(over, dict) or over.get("profile") != name:
-        raise ParamError("profile", f"in profiles/{name}.yaml must be {name!r}")
-    _merge(base, over, "", f"profiles/{name}.yaml")
+    for n, over in chain:
+        _merge(base, over, "", f"profiles/{n}.yaml")
+    over = chain[-1][1]
     head = "".join(t.value for t in (over.ca.comment or [None, []])[1] or [])
-    head += f"# Written by `kd profile {name}` from profiles/{BASE}.yaml + profiles/{name}.yaml.\n"
+    srcs = " + ".join(f"profiles/{n}.yaml" for n, _ in chain)
+    head += f"# Written by `kd profile {name}` from profiles/{BASE}.yaml + {srcs}.\n"
     out = io.StringIO()
     _yaml().dump(base, out)
     body = out.getvalue()

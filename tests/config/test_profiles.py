@@ -18,13 +18,17 @@ def test_committed_params_is_the_cpu_profile():
     assert (ROOT / "params.yaml").read_text(encoding="utf-8") == render("cpu", ROOT)
 
 
-@pytest.mark.parametrize("name", ["cpu", "paper", "tiny"])
+@pytest.mark.parametrize("name", ["cpu", "cpu-long", "paper", "tiny"])
 def test_every_profile_validates_and_overrides_only_what_differs(name):
     p = load(name, ROOT)
     assert p["profile"] == name
     validate(p, root=ROOT)
     base = yaml.safe_load((ROOT / "profiles/base.yaml").read_text())
-    over = yaml.safe_load((ROOT / f"profiles/{name}.yaml").read_text())
+    over, at = {}, name
+    while at is not None:  # the profile and the ones it extends: the nearest wins
+        raw = yaml.safe_load((ROOT / f"profiles/{at}.yaml").read_text())
+        at = raw.pop("extends", None)
+        over = _deep_merge(raw, over)
 
     def leaves(d, pre=""):
         for k, v in d.items():
@@ -34,6 +38,33 @@ def test_every_profile_validates_and_overrides_only_what_differs(name):
     assert merged.keys() == b.keys()  # every key comes from the base, in its order
     assert {k for k in merged if merged[k] != b[k]} <= o.keys()  # a difference is an override
     assert all(merged[k] == v for k, v in o.items())
+
+
+def _deep_merge(low: dict, high: dict) -> dict:
+    out = dict(low)
+    for k, v in high.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def test_cpu_long_is_cpu_with_more_eval_questions():
+    """`extends` carries every cpu override (recipe, instruction) into cpu-long: the two differ only where it says."""
+    cpu, long = load("cpu", ROOT), load("cpu-long", ROOT)
+    assert long["prepare"]["eval_size"] > cpu["eval"]["limit"] and long["eval"]["limit"] is None
+    cpu["profile"], cpu["prepare"]["eval_size"], cpu["eval"]["limit"] = "cpu-long", 192, None
+    assert long == cpu
+    text = render("cpu-long", ROOT)
+    assert text.startswith("# cpu-long: ") and "profiles/base.yaml + profiles/cpu.yaml + profiles/cpu-long.yaml" in text
+
+
+@pytest.mark.parametrize("parent, problem", [("child", "a cycle (child -> child)"), ("base", "the base applies"),
+                                             ("../profiles/cpu", "is not"), ("nope", "does not exist")])
+def test_extends_names_a_profile_and_never_loops(tmp_path, parent, problem):
+    root = _project(tmp_path)
+    (root / "profiles/child.yaml").write_text(f"profile: child\nextends: {parent}\n")
+    with pytest.raises(KdError) as e:
+        render("child", root)
+    assert problem in str(e.value), str(e.value)
 
 
 def test_comments_come_from_the_base_unless_overridden():
@@ -70,4 +101,4 @@ def test_an_override_key_the_base_lacks_is_named(tmp_path):
 def test_names_that_are_not_profiles_are_refused(bad):
     with pytest.raises(KdError) as e:
         render(bad, ROOT)
-    assert str(e.value).endswith("(allowed: cpu, gpu, paper, tiny)"), str(e.value)
+    assert str(e.value).endswith("(allowed: cpu, cpu-long, gpu, paper, tiny)"), str(e.value)

@@ -459,7 +459,7 @@ def test_inconsistent_inputs_rejected(tmp_path, params):
 
 def test_no_attention_rows(tmp_path, params):
     fabricate(tmp_path, params)
-    m = write_report(parse(params), [], tmp_path)
+    write_report(parse(params), [], tmp_path)
     assert not (tmp_path / "reports/plots/attention.png").exists()
     assert json.loads((tmp_path / "reports/attention.json").read_text()) == []
     assert "## Attention" not in (tmp_path / "reports/index.md").read_text()
@@ -508,7 +508,7 @@ def test_plan_questions_and_cost(tmp_path, params):
     # no committed results: the planning disagreement
     lines = plan(parse(params), 0.2, root=tmp_path)
     n = mcnemar_sample_size(0.2, 0.3)
-    assert f"at 30.0 % disagreement [report.planning_disagreement" in lines[0] and f"needs {n} paired" in lines[0]
+    assert "at 30.0 % disagreement [report.planning_disagreement" in lines[0] and f"needs {n} paired" in lines[0]
     assert mcnemar_power(n, 0.3, 0.2) >= 0.8 > mcnemar_power(n - 1, 0.3, 0.2)
     assert "cost: unknown here" in lines[1]
     # committed results: the disagreement measured on kd-teacher vs kd-none (strict), counted independently
