@@ -145,7 +145,7 @@ def test_remote_code_is_never_trusted_by_a_literal():
 def test_profiles_keep_remote_code_off():
     from kd.config.profiles import load, names
 
-    assert names(ROOT) == ["cpu", "gpu", "paper", "tiny"]
+    assert names(ROOT) == ["cpu", "cpu-long", "gpu", "paper", "tiny"]
     for prof in names(ROOT):  # as `kd profile` writes them: base + override
         p = load(prof, ROOT)
         assert p["teacher"]["trust_remote_code"] is False and p["student"]["trust_remote_code"] is False, prof
