@@ -98,10 +98,11 @@ def _chain(name: str, root: str | Path) -> list[tuple[str, Any]]:
         over = _load(path(name, root))
         if not isinstance(over, dict) or over.get("profile") != name:
             raise ParamError("profile", f"in profiles/{name}.yaml must be {name!r}")
-        parent = over.pop("extends", None)
-        chain.append((name, over))
-        if parent is None:
+        if "extends" not in over:  # optional: most profiles override the base directly
+            chain.append((name, over))
             return chain[::-1]
+        parent = over.pop("extends")
+        chain.append((name, over))
         seen = [n for n, _ in chain]
         if parent in seen or parent == BASE:
             raise ParamError("extends", f"in profiles/{name}.yaml names {parent!r}: "

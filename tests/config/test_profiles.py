@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from kd.config.params import validate
-from kd.config.profiles import load, render
+from kd.config.profiles import _chain, load, render
 from kd.core.errors import KdError, ParamError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,27 +24,18 @@ def test_every_profile_validates_and_overrides_only_what_differs(name):
     assert p["profile"] == name
     validate(p, root=ROOT)
     base = yaml.safe_load((ROOT / "profiles/base.yaml").read_text())
-    over, at = {}, name
-    while at is not None:  # the profile and the ones it extends: the nearest wins
-        raw = yaml.safe_load((ROOT / f"profiles/{at}.yaml").read_text())
-        at = raw.pop("extends", None)
-        over = _deep_merge(raw, over)
 
     def leaves(d, pre=""):
         for k, v in d.items():
             yield from leaves(v, f"{pre}{k}.") if isinstance(v, dict) else [(pre + k, v)]
 
-    merged, b, o = dict(leaves(p)), dict(leaves(base)), dict(leaves(over))
+    o = {}
+    for _, over in _chain(name, ROOT):  # the profile's file and the ones it extends, furthest first: the nearest wins
+        o.update(leaves(over))
+    merged, b = dict(leaves(p)), dict(leaves(base))
     assert merged.keys() == b.keys()  # every key comes from the base, in its order
     assert {k for k in merged if merged[k] != b[k]} <= o.keys()  # a difference is an override
     assert all(merged[k] == v for k, v in o.items())
-
-
-def _deep_merge(low: dict, high: dict) -> dict:
-    out = dict(low)
-    for k, v in high.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def test_cpu_long_is_cpu_with_more_eval_questions():
