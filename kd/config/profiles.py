@@ -96,12 +96,13 @@ def _chain(name: str, root: str | Path) -> list[tuple[str, Any]]:
     chain: list[tuple[str, Any]] = []
     while True:
         over = _load(path(name, root))
-        if not isinstance(over, dict) or over.get("profile") != name:
+        if not isinstance(over, dict) or "profile" not in over or over["profile"] != name:
             raise ParamError("profile", f"in profiles/{name}.yaml must be {name!r}")
         if "extends" not in over:  # optional: most profiles override the base directly
             chain.append((name, over))
             return chain[::-1]
-        parent = over.pop("extends")
+        parent = over["extends"]
+        del over["extends"]  # the chain carries overrides only
         chain.append((name, over))
         seen = [n for n, _ in chain]
         if parent in seen or parent == BASE:
